@@ -1,0 +1,3 @@
+from fedplug.app import main
+if __name__ == "__main__":
+    main()
