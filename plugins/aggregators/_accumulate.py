@@ -1,0 +1,143 @@
+"""Streaming weighted mean of client updates: the accumulator every FedAvg-like aggregator shares.
+
+``fedavg``, ``fedprox``, ``fedavgm`` and the adaptive optimisers (``fedadam``,
+``fedyogi``, ``fedadagrad``) all start from the same quantity, the weighted mean
+of the round's client weights, each weighted by its ``num_examples``
+(McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
+Decentralized Data", Algorithm 1).  They call :func:`weighted_mean_of_updates`
+from their ``fedplug_aggregate`` hook, in the server's aggregation worker thread.
+
+Memory: the updates arrive as a stream (see ``fedplug_aggregate`` in
+``fedplug/hooks.py``).  Each update is folded into ONE float64 running sum and
+then dropped, so the server holds the running sum (2x the float32 model), the
+update being folded in and nothing else: memory is O(model), independent of
+the number of clients.
+
+Integer and bool buffers (BatchNorm's ``num_batches_tracked``): summed in
+float64 like everything else and turned back into the buffer's dtype by
+:func:`finish_like`, which rounds the weighted mean to the nearest integer
+(ties to even).  Why the rounded mean rather than the max or the sum:
+``num_batches_tracked`` only matters for ``BatchNorm(momentum=None)``, where it
+is the count behind a cumulative average; the averaged ``running_mean``/
+``running_var`` describe a typical client, so the count that goes with them
+is the typical client's count, i.e. the weighted mean.  A bool buffer becomes
+the weighted majority.  float64 holds every integer below 2**53 exactly, far
+beyond any batch count.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+
+from fedplug.types import ClientUpdate, EmptyRoundError, StateDict
+
+ACC_DTYPE = torch.float64
+
+
+def is_float(tensor: torch.Tensor) -> bool:
+    return tensor.is_floating_point() or tensor.is_complex()
+
+
+def check_update_matches(update: ClientUpdate, template: Mapping[str, torch.Tensor]) -> None:
+    """Refuse an update whose names or shapes differ from the global model.
+
+    The server validates every update before it reaches an aggregator; this
+    cheap check (no tensor data is read) makes a plugin called directly, e.g.
+    from a test or notebook, fail with a clear message instead of a broadcast error.
+    """
+    weights = update.weights
+    if weights.keys() != template.keys():
+        missing = sorted(template.keys() - weights.keys())[:5]
+        extra = sorted(weights.keys() - template.keys())[:5]
+        raise ValueError(
+            f"update from client {update.client_id!r} does not match the global model's tensor names "
+            f"(missing: {missing}, unexpected: {extra})"
+        )
+    for name, ref in template.items():
+        if tuple(weights[name].shape) != tuple(ref.shape):
+            raise ValueError(
+                f"update from client {update.client_id!r}: tensor {name!r} has shape "
+                f"{tuple(weights[name].shape)}, the global model has {tuple(ref.shape)}"
+            )
+    if update.num_examples < 0:
+        raise ValueError(
+            f"update from client {update.client_id!r} reports num_examples={update.num_examples}; "
+            "it must be >= 0"
+        )
+
+
+class WeightedSum:
+    """One float64 running sum per tensor: ``sum_k n_k * w_k`` and ``sum_k n_k``.
+
+    Never keeps a reference to an added state dict; ``add`` reads each tensor
+    once and adds it in place (the float32 -> float64 promotion happens inside
+    ``add_``, so no temporary copy of the tensor is made).
+    """
+
+    def __init__(self, template: Mapping[str, torch.Tensor]):
+        self.sums: dict[str, torch.Tensor] = {
+            name: torch.zeros(t.shape, dtype=ACC_DTYPE, device=t.device) for name, t in template.items()
+        }
+        self.total_weight = 0.0
+        self.count = 0
+
+    def add(self, weights: Mapping[str, torch.Tensor], weight: float) -> None:
+        for name, acc in self.sums.items():
+            acc.add_(weights[name].detach(), alpha=weight)
+        self.total_weight += float(weight)
+        self.count += 1
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        """The weighted mean in float64; the running sums become the mean (no copy)."""
+        if self.count == 0:
+            raise EmptyRoundError("no client update to aggregate in this round")
+        if self.total_weight <= 0:
+            raise ValueError(
+                f"all {self.count} updates of this round report num_examples=0, so their weighted mean "
+                "is undefined; clients must report how many training examples they used"
+            )
+        for acc in self.sums.values():
+            acc.div_(self.total_weight)
+        return self.sums
+
+
+def weighted_mean_of_updates(
+    updates: Iterable[ClientUpdate], template: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Consume ``updates`` once; return (float64 weighted mean per tensor, number of updates).
+
+    Weighted by ``num_examples``.  Raises :class:`~fedplug.types.EmptyRoundError`
+    when the stream yields nothing.
+    """
+    acc = WeightedSum(template)
+    for update in updates:
+        check_update_matches(update, template)
+        acc.add(update.weights, update.num_examples)
+        # Drop our reference before blocking on the next update, so a consumed
+        # update's tensors can be freed while the next one is being received.
+        del update
+    return acc.mean(), acc.count
+
+
+def cast_back(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A float64 result in ``like``'s dtype: integer/bool buffers are rounded (ties to even)."""
+    if is_float(like):
+        return value.to(like.dtype)
+    if like.dtype == torch.bool:
+        return torch.round(value) > 0  # weighted majority; a tie (0.5) rounds to False
+    return torch.round(value).to(like.dtype)
+
+
+def finish_like(values: dict[str, torch.Tensor], template: Mapping[str, torch.Tensor]) -> StateDict:
+    """New state dict in ``template``'s order, names and dtypes, from float64 ``values``.
+
+    ``values`` is emptied as it goes, so each float64 tensor is freed as soon as
+    its cast copy exists (the peak is the result plus one float64 tensor, not
+    the result plus the whole float64 model).
+    """
+    out: StateDict = {}
+    for name, like in template.items():
+        out[name] = cast_back(values.pop(name), like)
+    return out
