@@ -8,8 +8,9 @@ only, so they are cheap to build in tests and safe to move between threads.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 if TYPE_CHECKING:  # torch is heavy; type hints only
     import torch
@@ -102,65 +103,158 @@ class TrainResult:
 class DetectionStats:
     """Mergeable per-class detection statistics of one test set.
 
+    Built by :func:`fedplug.metrics.match_detections` on a client, sent to the
+    server in ``client_eval`` (``to_json``), validated there (``from_json``),
+    merged over clients and summarised by :func:`fedplug.metrics.summarize`.
+
+    Pascal-VOC lists (at the evaluation's IoU threshold, 0.5 by default):
     ``scores[c]`` and ``true_positive[c]`` list every detection of class ``c``
-    (its confidence, and whether it matched an unmatched non-difficult ground
-    truth at IoU >= 0.5); ``num_ground_truth[c]`` counts non-difficult ground
-    truth boxes.  Concatenating two clients' lists gives exactly the statistics
-    of the union of their test sets, which is why the server can compute the
-    exact global mAP instead of averaging per-client mAPs.
+    that was not matched to a ``difficult`` ground truth (its confidence, and
+    whether it matched a still-unmatched non-difficult ground truth);
+    ``num_ground_truth[c]`` counts non-difficult ground-truth boxes.
+
+    COCO lists (optional, ``None`` when the producer did not compute them):
+    ``coco_scores[c]`` lists *every* detection of class ``c``; bit ``k`` of
+    ``coco_true_positive[c][i]`` says whether detection ``i`` is a true positive
+    at IoU threshold ``COCO_IOU_THRESHOLDS[k]`` (0.50, 0.55, ..., 0.95), and bit
+    ``k`` of ``coco_ignored[c][i]`` whether it matched a difficult box there
+    (neither true nor false positive).  Matching differs per threshold, which
+    is why one flag per threshold is kept.
+
+    Concatenating two clients' lists gives exactly the statistics of the union
+    of their test sets (matching is per image, and no image is in two test
+    sets), which is why the server can compute the exact global mAP instead of
+    averaging per-client mAPs.
     """
 
     num_classes: int
     scores: list[list[float]]
     true_positive: list[list[bool]]
     num_ground_truth: list[int]
+    coco_scores: list[list[float]] | None = None
+    coco_true_positive: list[list[int]] | None = None
+    coco_ignored: list[list[int]] | None = None
+
+    # IoU thresholds of the COCO lists' bits: 0.50, 0.55, ..., 0.95, the very floats of
+    # pycocotools' ``np.linspace(.5, .95, 10)`` (tests/test_metrics.py checks that).
+    COCO_IOU_THRESHOLDS: ClassVar[tuple[float, ...]] = tuple(
+        [0.5 + k * ((0.95 - 0.5) / 9) for k in range(9)] + [0.95]
+    )
+
+    @property
+    def has_coco(self) -> bool:
+        return self.coco_scores is not None
 
     @classmethod
-    def empty(cls, num_classes: int) -> "DetectionStats":
+    def empty(cls, num_classes: int, coco: bool = True) -> "DetectionStats":
+        def lists():
+            return [[] for _ in range(num_classes)]
+
         return cls(
             num_classes,
-            [[] for _ in range(num_classes)],
-            [[] for _ in range(num_classes)],
+            lists(),
+            lists(),
             [0] * num_classes,
+            lists() if coco else None,
+            lists() if coco else None,
+            lists() if coco else None,
         )
 
     def merge(self, other: "DetectionStats") -> "DetectionStats":
+        """The statistics of both test sets together (the COCO lists only if both have them)."""
         if other.num_classes != self.num_classes:
             raise ValueError(
                 f"cannot merge statistics over {other.num_classes} classes into {self.num_classes}"
             )
+
+        def cat(a, b):
+            return [x + y for x, y in zip(a, b)]
+
+        coco = self.has_coco and other.has_coco
         return DetectionStats(
             self.num_classes,
-            [a + b for a, b in zip(self.scores, other.scores)],
-            [a + b for a, b in zip(self.true_positive, other.true_positive)],
+            cat(self.scores, other.scores),
+            cat(self.true_positive, other.true_positive),
             [a + b for a, b in zip(self.num_ground_truth, other.num_ground_truth)],
+            cat(self.coco_scores, other.coco_scores) if coco else None,
+            cat(self.coco_true_positive, other.coco_true_positive) if coco else None,
+            cat(self.coco_ignored, other.coco_ignored) if coco else None,
         )
 
     def to_json(self) -> dict:
-        return {
+        data = {
             "num_classes": self.num_classes,
             "scores": self.scores,
             "true_positive": self.true_positive,
             "num_ground_truth": self.num_ground_truth,
         }
+        if self.has_coco:
+            data["coco_scores"] = self.coco_scores
+            data["coco_true_positive"] = self.coco_true_positive
+            data["coco_ignored"] = self.coco_ignored
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "DetectionStats":
         """Build from a peer's message; raises ``ValueError`` on any inconsistency."""
+        bits = 1 << len(cls.COCO_IOU_THRESHOLDS)
+
+        def score_rows(rows):
+            out = [[float(s) for s in row] for row in rows]
+            if any(not math.isfinite(s) for row in out for s in row):
+                raise ValueError("non-finite score")
+            return out
+
+        def flag_rows(rows):
+            out = []
+            for row in rows:
+                vals = []
+                for t in row:
+                    if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < bits:
+                        raise ValueError(f"COCO flags must be integers in [0, {bits}), got {t!r}")
+                    vals.append(t)
+                out.append(vals)
+            return out
+
+        def bool_rows(rows):
+            out = []
+            for row in rows:
+                if any(not isinstance(t, (bool, int)) or t not in (0, 1) for t in row):
+                    raise ValueError("true_positive entries must be booleans")
+                out.append([bool(t) for t in row])
+            return out
+
         try:
             n = int(data["num_classes"])
-            scores = [[float(s) for s in row] for row in data["scores"]]
-            tps = [[bool(t) for t in row] for row in data["true_positive"]]
+            scores = score_rows(data["scores"])
+            tps = bool_rows(data["true_positive"])
             gts = [int(g) for g in data["num_ground_truth"]]
+            coco_keys = ("coco_scores", "coco_true_positive", "coco_ignored")
+            present = [k in data and data[k] is not None for k in coco_keys]
+            if any(present) and not all(present):
+                raise ValueError(f"either all or none of {', '.join(coco_keys)}")
+            coco = (
+                (score_rows(data["coco_scores"]), flag_rows(data["coco_true_positive"]),
+                 flag_rows(data["coco_ignored"]))
+                if all(present)
+                else (None, None, None)
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed detection statistics: {exc}") from None
-        if not (len(scores) == len(tps) == len(gts) == n) or any(
+        if n < 0 or not (len(scores) == len(tps) == len(gts) == n) or any(
             len(s) != len(t) for s, t in zip(scores, tps)
         ):
             raise ValueError("malformed detection statistics: per-class lists disagree in length")
+        if coco[0] is not None and (
+            not (len(coco[0]) == len(coco[1]) == len(coco[2]) == n)
+            or any(not (len(s) == len(t) == len(i)) for s, t, i in zip(*coco))
+        ):
+            raise ValueError("malformed detection statistics: COCO lists disagree in length")
         if any(g < 0 for g in gts):
             raise ValueError("malformed detection statistics: negative ground-truth count")
-        return cls(n, scores, tps, gts)
+        if any(sum(t) > g for t, g in zip(tps, gts)):
+            raise ValueError("malformed detection statistics: more true positives than ground truth")
+        return cls(n, scores, tps, gts, *coco)
 
 
 @dataclass(frozen=True)
