@@ -1,0 +1,197 @@
+"""The command line: ``python -m fedplug`` / ``fedplug``, a Hydra application.
+
+``fedplug plugins`` lists installed plugins; everything else is composed by
+Hydra from ``conf/`` (installed as ``fedplug.conf``) plus the config packages
+that third-party plugins declare in the ``fedplug.conf`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+CONF_GROUP = "fedplug.conf"  # entry-point group: plugin packages holding Hydra config groups
+
+log = logging.getLogger("fedplug")
+
+
+def echo(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def plugin_search_paths() -> list[str]:
+    """``pkg://`` search-path entries for every installed plugin's config package."""
+    from importlib import metadata
+
+    paths = []
+    for dist in metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group == CONF_GROUP:
+                paths.append(f"pkg://{ep.value}")
+    return sorted(set(paths))
+
+
+def print_plugins() -> int:
+    from fedplug.plugins import list_plugins
+
+    rows = [("role", "name", "package", "version", "target")]
+    rows += [(p.role, p.name, p.package, p.version, p.value) for p in list_plugins()]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for row in rows:
+        echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def _quiet_console() -> None:
+    """Hydra logs to the console and to <run_dir>/<job>.log; keep the console for progress lines."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+
+
+def _threads(cfg: Any, local_clients: int) -> int:
+    if int(cfg.client.torch_threads) > 0:
+        return int(cfg.client.torch_threads)
+    return max(1, (os.cpu_count() or 1) // max(1, local_clients))
+
+
+def run(cfg: Any) -> int:
+    """Dispatch on ``mode``; return the exit status."""
+    from fedplug.config import ConfigError, validate
+    from fedplug.plugins import PluginError
+
+    try:
+        validate(cfg)
+    except ConfigError as exc:
+        echo(f"config error: {exc}")
+        return 2
+    _quiet_console()
+    mode = str(cfg.mode)
+    try:
+        if mode == "plugins":
+            return print_plugins()
+        if mode == "client":
+            return run_client(cfg)
+        return asyncio.run(run_server(cfg, embedded=(mode == "embedded")))
+    except PluginError as exc:
+        echo(f"plugin error: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        echo("interrupted")
+        return 130
+
+
+def run_client(cfg: Any) -> int:
+    import torch
+
+    from fedplug.client import FederationClient
+    from omegaconf import OmegaConf
+
+    torch.set_num_threads(_threads(cfg, 1))
+    c = cfg.client
+    spec = OmegaConf.to_container(c.data, resolve=True)
+    augment = OmegaConf.to_container(c.augment, resolve=True) if c.augment is not None else None
+    try:
+        client = FederationClient(str(c.server_url), c.client_id, spec, device=str(c.device), token=c.token,
+                                  augment=augment, reconnect_attempts=int(c.reconnect_attempts),
+                                  max_message_mb=float(cfg.server.max_message_mb))
+    except ValueError as exc:
+        echo(f"config error: {exc}")
+        return 2
+    echo(f"[{client.client_id}] connecting to {c.server_url}")
+    return asyncio.run(client.run())
+
+
+async def run_server(cfg: Any, embedded: bool) -> int:
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from fedplug.data import class_names_of, prepare_federation
+    from fedplug.data.errors import DatasetError
+    from fedplug.launcher import ClientProcesses, client_command
+    from fedplug.plugins import activate
+    from fedplug.server import FederationServer, RunFailed
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2) if embedded else (os.cpu_count() or 1))
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    try:
+        if embedded:
+            echo(f"preparing data ({data_cfg.get('name', data_cfg.get('format'))}) for "
+                 f"{cfg.run.num_clients} clients ...")
+            federation = prepare_federation(data_cfg, int(cfg.run.num_clients))
+            class_names = tuple(federation.class_names)
+        else:
+            class_names = tuple(class_names_of(data_cfg))
+    except (DatasetError, FileNotFoundError) as exc:
+        echo(f"data error: {exc}")
+        return 2
+
+    plugins = activate(
+        {"aggregator": str(cfg.aggregator.name), "detector": str(cfg.model.name),
+         "resource_policy": str(cfg.resource_policy.name)},
+        disabled=list(cfg.plugins.disable or []),
+    )
+    for role, info in plugins.selected.items():
+        log.info("%s: %s", role, info.describe())
+    try:
+        server = FederationServer(cfg, plugins, class_names, run_dir, echo=echo)
+    except (RunFailed, FileNotFoundError, ValueError) as exc:
+        echo(f"cannot start: {exc}")
+        return 2
+    server.outputs.write_config(OmegaConf.to_container(cfg, resolve=True))
+    port = await server.start()
+    url = f"http://{cfg.server.host}:{port}"
+    echo(f"fedplug server on {url}  model={cfg.model.name} ({server.num_parameters:,} parameters) "
+         f"aggregator={cfg.aggregator.name} resource_policy={cfg.resource_policy.name}  classes={list(class_names)}")
+    clients = ClientProcesses()
+    try:
+        if embedded:
+            n = int(cfg.run.num_clients)
+            threads = _threads(cfg, n)
+            augment = data_cfg.get("augment")
+            commands = {
+                f"client_{i + 1}": client_command(url, f"client_{i + 1}", spec, run_dir, threads, augment,
+                                                  str(cfg.client.device), cfg.server.token)
+                for i, spec in enumerate(federation.client_specs[:n])
+            }
+            echo(f"starting {len(commands)} client processes (logs in {run_dir / 'clients'}) ...")
+            clients.start(commands, run_dir / "clients")
+        status = await server.run_federation()
+    finally:
+        await server.stop()
+        if embedded:
+            codes = clients.stop()
+            bad = {cid: code for cid, code in codes.items() if code not in (0, None)}
+            if bad:
+                log.warning("client exit codes: %s", bad)
+    return status
+
+
+def _hydra_entry() -> None:
+    import hydra
+
+    @hydra.main(version_base=None, config_path="pkg://fedplug.conf", config_name="config")
+    def _main(cfg) -> None:
+        status = run(cfg)
+        if status:
+            sys.exit(status)
+
+    _main()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point of ``fedplug`` and ``python -m fedplug``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["plugins"]:
+        sys.exit(print_plugins())
+    extra = plugin_search_paths()
+    if extra and not any(a.startswith("hydra.searchpath") for a in args):
+        args.append("hydra.searchpath=[" + ",".join(f"'{p}'" for p in extra) + "]")
+    sys.argv = [sys.argv[0]] + args
+    _hydra_entry()

@@ -1,0 +1,178 @@
+"""What a run leaves in its directory: event log, metrics, checkpoints, resume point.
+
+Layout of ``<run_dir>``::
+
+    config.yaml                 the resolved config
+    events.jsonl                one line per protocol event (event, direction, round, client id, time)
+    metrics.csv / metrics.jsonl one row per finished round
+    checkpoints/last.safetensors  global model after the latest round (metadata: round, metrics)
+    checkpoints/best.safetensors  global model of the best evaluated round (highest global mAP@0.5)
+    checkpoints/resume.json       + aggregator_state.safetensors: what ``run.resume`` needs
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from fedplug.types import RoundRecord, StateDict
+from fedplug.wire import encode_state, read_checkpoint, write_atomic
+
+METRIC_COLUMNS = (
+    "round", "participants", "num_participants", "train_loss", "test_loss", "map50", "recall",
+    "coco_map", "seconds",
+)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class EventLog:
+    """Append-only JSON-lines log of protocol events; safe to call from any thread."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._file = open(self.path, "a", encoding="utf-8", buffering=1)
+        self._t0 = time.time()
+
+    def write(self, event: str, direction: str, round_number: int | None = None,
+              client_id: str | None = None, **extra: Any) -> None:
+        row = {"time": round(time.time(), 4), "event": event, "direction": direction,
+               "round": round_number, "client_id": client_id}
+        row.update({k: _clean(v) for k, v in extra.items()})
+        line = json.dumps(row, default=str)
+        with self._lock:
+            if not self._file.closed:
+                self._file.write(line + "\n")
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+def read_events(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class RunOutputs:
+    """Writes metrics and checkpoints of one run directory."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_csv = self.run_dir / "metrics.csv"
+        self.metrics_jsonl = self.run_dir / "metrics.jsonl"
+
+    def write_config(self, resolved: Mapping[str, Any]) -> None:
+        from omegaconf import OmegaConf
+
+        write_atomic(self.run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(dict(resolved))).encode())
+
+    def record_round(self, record: RoundRecord) -> None:
+        row = {
+            "round": record.round_number,
+            "participants": " ".join(record.participants),
+            "num_participants": len(record.participants),
+            "train_loss": record.train_loss,
+            "test_loss": record.test_loss,
+            "map50": record.map50,
+            "recall": record.recall,
+            "coco_map": record.extra.get("coco_map"),
+            "seconds": round(record.seconds, 3),
+        }
+        new = not self.metrics_csv.exists()
+        with open(self.metrics_csv, "a", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+            if new:
+                writer.writeheader()
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        full = asdict(record)
+        full["participants"] = list(record.participants)
+        with open(self.metrics_jsonl, "a", encoding="utf-8") as f:
+            f.write(json.dumps(full, default=_clean) + "\n")
+
+    def save_checkpoint(self, name: str, weights: StateDict, meta: Mapping[str, Any]) -> Path:
+        path = self.checkpoint_dir / f"{name}.safetensors"
+        data = encode_state(weights, {k: json.dumps(_clean(v)) for k, v in meta.items()})
+        write_atomic(path, data)
+        return path
+
+    def save_resume_point(self, round_number: int, aggregator_state: Mapping[str, Any],
+                          history: Sequence[RoundRecord], best: Mapping[str, Any]) -> None:
+        """The aggregator's state and the run's history after ``round_number``.
+
+        Tensors go to safetensors, everything else to JSON; the JSON is written
+        last, so a crash in between leaves the previous resume point valid.
+        """
+        tensors = {k: v for k, v in aggregator_state.items() if isinstance(v, torch.Tensor)}
+        scalars = {k: v for k, v in aggregator_state.items() if not isinstance(v, torch.Tensor)}
+        state_file = f"aggregator_state_{round_number}.safetensors"
+        write_atomic(self.checkpoint_dir / state_file, encode_state(tensors))
+        doc = {
+            "round": round_number,
+            "aggregator_state_file": state_file,
+            "aggregator_scalars": scalars,
+            "history": [asdict(r) for r in history],
+            "best": dict(best),
+        }
+        write_atomic(self.checkpoint_dir / "resume.json", json.dumps(doc, default=_clean).encode())
+        for old in self.checkpoint_dir.glob("aggregator_state_*.safetensors"):
+            if old.name != state_file:
+                old.unlink(missing_ok=True)
+
+
+def load_resume_point(run_dir: Path) -> tuple[int, StateDict, dict, list[RoundRecord], dict]:
+    """Read what :meth:`RunOutputs.save_resume_point` and the last checkpoint wrote.
+
+    Returns (round, global weights, aggregator state, history, best).
+    """
+    ckpt = Path(run_dir) / "checkpoints"
+    resume = ckpt / "resume.json"
+    if not resume.is_file():
+        raise FileNotFoundError(
+            f"run.resume={run_dir}: no {resume} — point run.resume at the directory of a previous run"
+        )
+    doc = json.loads(resume.read_text())
+    weights, meta = read_checkpoint(ckpt / "last.safetensors")
+    if int(json.loads(meta.get("round", "0"))) != int(doc["round"]):
+        raise ValueError(f"{ckpt}: last.safetensors and resume.json disagree on the round; cannot resume")
+    tensors, _ = read_checkpoint(ckpt / doc["aggregator_state_file"])
+    state = dict(tensors)
+    state.update(doc.get("aggregator_scalars", {}))
+    history = []
+    for r in doc["history"]:
+        r["participants"] = tuple(r["participants"])
+        history.append(RoundRecord(**r))
+    return int(doc["round"]), weights, state, history, doc.get("best", {})
+
+
+def format_table(history: Sequence[RoundRecord], best_round: int | None) -> str:
+    """The per-round table printed at the end of a run."""
+
+    def f(v: float | None, digits: int = 4) -> str:
+        return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+    lines = [f"{'round':>5}  {'train_loss':>10}  {'test_loss':>9}  {'mAP@0.5':>7}  {'recall':>6}  "
+             f"{'clients':>7}  {'time_s':>6}"]
+    for r in history:
+        mark = "  <- best" if r.round_number == best_round else ""
+        lines.append(
+            f"{r.round_number:>5}  {f(r.train_loss):>10}  {f(r.test_loss):>9}  {f(r.map50):>7}  "
+            f"{f(r.recall):>6}  {len(r.participants):>7}  {r.seconds:>6.1f}{mark}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""The Socket.IO event protocol: event names, protocol version and message schemas.
+
+Event names are the original benchmark's, verbatim (see docs/protocol.md).
+Every message a peer sends is checked here against its schema before the
+server or client acts on it; a message that fails is answered with
+``protocol_error`` and dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+PROTOCOL_VERSION = 1
+
+# client -> server
+CLIENT_WAKE_UP = "client_wake_up"
+CLIENT_READY = "client_ready"
+CHECK_CLIENT_RESOURCE_DONE = "check_client_resource_done"
+CLIENT_UPDATE = "client_update"
+CLIENT_EVAL = "client_eval"
+# server -> client
+INIT = "init"
+CHECK_CLIENT_RESOURCE = "check_client_resource"
+REQUEST_UPDATE = "request_update"
+STOP_AND_EVAL = "stop_and_eval"
+RUN_FINISHED = "run_finished"  # fedplug addition: the run ended; disconnect and exit
+PROTOCOL_ERROR = "protocol_error"  # fedplug addition: your last message was rejected, and why
+
+CLIENT_EVENTS = (CLIENT_WAKE_UP, CLIENT_READY, CHECK_CLIENT_RESOURCE_DONE, CLIENT_UPDATE, CLIENT_EVAL)
+SERVER_EVENTS = (INIT, CHECK_CLIENT_RESOURCE, REQUEST_UPDATE, STOP_AND_EVAL, RUN_FINISHED, PROTOCOL_ERROR)
+
+MAX_CLIENT_ID_LEN = 128
+
+
+class ProtocolError(ValueError):
+    """A peer's message that does not follow the protocol; the text says what is wrong."""
+
+
+_INT = "int"
+_NUM = "number"
+_STR = "str"
+_BOOL = "bool"
+_BYTES = "bytes"
+_DICT = "dict"
+_LIST = "list"
+
+# field -> (kind, required).  Unknown fields are ignored (forward compatibility).
+SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
+    CLIENT_WAKE_UP: {
+        "client_id": (_STR, True),
+        "protocol_version": (_INT, True),
+        "token": (_STR, False),
+        "info": (_DICT, False),
+    },
+    CLIENT_READY: {
+        "client_id": (_STR, True),
+        "num_train": (_INT, True),
+        "num_test": (_INT, True),
+    },
+    CHECK_CLIENT_RESOURCE_DONE: {
+        "round_number": (_INT, True),
+        "load_rate": (_NUM, True),
+        "details": (_DICT, False),
+    },
+    CLIENT_UPDATE: {
+        "round_number": (_INT, True),
+        "ok": (_BOOL, True),
+        "weights": (_BYTES, False),
+        "train_size": (_INT, True),
+        "train_loss": (_NUM, True),
+        "reason": (_STR, False),
+        "seconds": (_NUM, False),
+    },
+    CLIENT_EVAL: {
+        "round_number": (_INT, True),
+        "ok": (_BOOL, True),
+        "test_size": (_INT, True),
+        "test_loss": (_NUM, True),
+        "test_map": (_NUM, True),
+        "test_recall": (_NUM, True),
+        "stats": (_DICT, False),
+        "metrics": (_DICT, False),
+        "reason": (_STR, False),
+    },
+}
+
+
+def _kind_ok(kind: str, value: Any) -> bool:
+    if kind == _INT:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == _NUM:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == _STR:
+        return isinstance(value, str)
+    if kind == _BOOL:
+        return isinstance(value, bool)
+    if kind == _BYTES:
+        return isinstance(value, (bytes, bytearray))
+    if kind == _DICT:
+        return isinstance(value, dict)
+    if kind == _LIST:
+        return isinstance(value, list)
+    raise AssertionError(kind)
+
+
+def parse(event: str, data: Any) -> dict[str, Any]:
+    """Validate a client -> server message against its schema; return it as a dict.
+
+    Raises :class:`ProtocolError` naming the first problem found.
+    """
+    schema = SCHEMAS.get(event)
+    if schema is None:
+        raise ProtocolError(f"unknown event {event!r}")
+    if not isinstance(data, Mapping):
+        raise ProtocolError(f"{event}: payload must be an object, got {type(data).__name__}")
+    for field, (kind, required) in schema.items():
+        if field not in data or data[field] is None:
+            if required:
+                raise ProtocolError(f"{event}: missing field {field!r} ({kind})")
+            continue
+        if not _kind_ok(kind, data[field]):
+            raise ProtocolError(
+                f"{event}: field {field!r} must be {kind}, got {type(data[field]).__name__}"
+            )
+        if kind == _NUM and not math.isfinite(float(data[field])):
+            raise ProtocolError(f"{event}: field {field!r} must be finite, got {data[field]!r}")
+    out = dict(data)
+    if "client_id" in schema and "client_id" in out:
+        cid = out["client_id"]
+        if not cid or len(cid) > MAX_CLIENT_ID_LEN or not cid.isprintable():
+            raise ProtocolError(
+                f"{event}: client_id must be 1-{MAX_CLIENT_ID_LEN} printable characters"
+            )
+    for field in ("round_number", "num_train", "num_test", "train_size", "test_size"):
+        if field in out and out[field] is not None and out[field] < 0:
+            raise ProtocolError(f"{event}: field {field!r} must not be negative")
+    if event == CHECK_CLIENT_RESOURCE_DONE and not 0.0 <= float(out["load_rate"]) <= 1.0:
+        raise ProtocolError(f"{event}: load_rate must be within [0, 1], got {out['load_rate']!r}")
+    if event == CLIENT_UPDATE and out["ok"] and not out.get("weights"):
+        raise ProtocolError(f"{event}: ok=true requires binary 'weights'")
+    if event == CLIENT_EVAL and out["ok"]:
+        for field in ("test_map", "test_recall"):
+            if not 0.0 <= float(out[field]) <= 1.0:
+                raise ProtocolError(f"{event}: {field} must be within [0, 1], got {out[field]!r}")
+    return out

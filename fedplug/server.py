@@ -1,0 +1,656 @@
+"""The federation server: python-socketio ``AsyncServer`` on aiohttp, driving the rounds.
+
+One coroutine, :meth:`FederationServer.run_federation`, walks the protocol in
+the original's order for every round::
+
+    check_client_resource -> check_client_resource_done -> (resource policy decides)
+    request_update -> client_update (streamed into the aggregation hook)
+    stop_and_eval -> client_eval -> exact global metrics, checkpoints, next round or stop
+
+Event handlers only validate messages and hand them to the phase collector
+of the current round; everything heavy (decoding and checking weights,
+aggregation, serialisation, checkpoint writes) runs in a thread pool so the
+event loop keeps answering heartbeats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import socketio
+import torch
+from aiohttp import web
+
+from fedplug import protocol as P
+from fedplug.collect import PhaseCollector, UpdateStream
+from fedplug.outputs import EventLog, RunOutputs, format_table, load_resume_point
+from fedplug.plugins import ActivePlugins
+from fedplug.types import ClientUpdate, DetectionStats, EmptyRoundError, ResourceReport, RoundRecord
+from fedplug.wire import WireError, decode_checked, encode_state, spec_of
+
+log = logging.getLogger("fedplug.server")
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on (e.g. a round missed its quorum after every retry)."""
+
+
+@dataclass
+class ClientSlot:
+    client_id: str
+    sid: str | None
+    ready: bool = False
+    num_train: int = 0
+    num_test: int = 0
+    info: dict = field(default_factory=dict)
+    disconnected_at: float | None = None
+
+
+def _plain(cfg: Any) -> Any:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+class FederationServer:
+    """Runs one federated training run.  Create, :meth:`start`, then :meth:`run_federation`."""
+
+    def __init__(self, cfg: Any, plugins: ActivePlugins, class_names: tuple[str, ...], run_dir: Path,
+                 echo=print):
+        self.cfg = cfg
+        self.run_cfg = cfg.run
+        self.server_cfg = cfg.server
+        self.plugins = plugins
+        self.hook = plugins.hook
+        self.class_names = tuple(class_names)
+        self.run_dir = Path(run_dir)
+        self.echo = echo
+        self.outputs = RunOutputs(self.run_dir)
+        self.events = EventLog(self.run_dir / "events.jsonl")
+        self.max_bytes = int(float(self.server_cfg.max_message_mb) * 1024 * 1024)
+        self.sio = socketio.AsyncServer(
+            async_mode="aiohttp",
+            max_http_buffer_size=self.max_bytes,
+            ping_interval=float(self.server_cfg.ping_interval_s),
+            ping_timeout=float(self.server_cfg.ping_timeout_s),
+            logger=False,
+            engineio_logger=False,
+        )
+        self.app = web.Application(client_max_size=self.max_bytes)
+        self.sio.attach(self.app)
+        self.app.router.add_get("/status", self._http_status)
+        self.runner: web.AppRunner | None = None
+        self.port: int | None = None
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="fedplug-server")
+
+        self.clients: dict[str, ClientSlot] = {}
+        self.sid_to_client: dict[str, str] = {}
+        self.collectors: dict[str, PhaseCollector] = {}
+        self.stream: UpdateStream | None = None
+        self.phase = "starting"
+        self.round_number = 0
+        self.history: list[RoundRecord] = []
+        self.best: dict[str, Any] = {"round": None, "map50": None, "test_loss": None}
+        self.aggregator_state: dict = {}
+        self._ready_changed = asyncio.Event()
+        self._finished = False
+        self.rng = random.Random(int(self.run_cfg.seed))
+
+        self.model_cfg = _plain(cfg.model)
+        self.aggregator_cfg = _plain(cfg.aggregator)
+        self.policy_cfg = _plain(cfg.resource_policy)
+        model = self.hook.fedplug_build_model(config=self.model_cfg, class_names=self.class_names)
+        if model is None:
+            raise RunFailed(f"detector {self.model_cfg.get('name')!r} built no model")
+        self.global_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.spec = spec_of(self.global_weights)
+        self.num_parameters = sum(p.numel() for p in model.parameters())
+        self.round_start_weights = self.global_weights
+        self.start_round = 1
+        if self.run_cfg.resume:
+            self._resume(Path(str(self.run_cfg.resume)))
+        self._register_handlers()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _resume(self, previous: Path) -> None:
+        last_round, weights, state, history, best = load_resume_point(previous)
+        from fedplug.wire import check_against_spec
+
+        check_against_spec(weights, self.spec)
+        self.global_weights = weights
+        self.aggregator_state = state
+        self.history = history
+        self.best = best or self.best
+        self.start_round = last_round + 1
+        self.echo(f"resuming from {previous} after round {last_round}")
+
+    async def start(self) -> int:
+        self.runner = web.AppRunner(self.app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, str(self.server_cfg.host), int(self.server_cfg.port))
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # the real port when port=0
+        return self.port
+
+    async def stop(self) -> None:
+        self._finished = True
+        for sid in list(self.sid_to_client):
+            try:
+                await self.sio.disconnect(sid)
+            except Exception:  # already gone
+                pass
+        if self.runner is not None:
+            await self.runner.cleanup()
+        self.events.close()
+        self.pool.shutdown(wait=True)
+
+    async def _offload(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    # ------------------------------------------------------------------ messaging
+
+    async def _emit(self, event: str, client_id: str, payload: dict) -> bool:
+        slot = self.clients.get(client_id)
+        if slot is None or slot.sid is None:
+            return False
+        self.events.write(event, "out", payload.get("round_number"), client_id)
+        try:
+            await self.sio.emit(event, payload, to=slot.sid)
+            return True
+        except Exception as exc:
+            log.warning("could not send %s to %s: %s", event, client_id, exc)
+            return False
+
+    async def _reject(self, sid: str, event: str, reason: str, client_id: str | None = None,
+                      round_number: int | None = None) -> None:
+        log.warning("rejected %s from %s: %s", event, client_id or sid, reason)
+        self.events.write(P.PROTOCOL_ERROR, "out", round_number, client_id, about=event, reason=reason)
+        try:
+            await self.sio.emit(P.PROTOCOL_ERROR, {"event": event, "reason": reason}, to=sid)
+        except Exception:
+            pass
+
+    def _client_of(self, sid: str) -> str | None:
+        return self.sid_to_client.get(sid)
+
+    def _register_handlers(self) -> None:
+        sio = self.sio
+
+        @sio.event
+        async def connect(sid, environ, auth=None):
+            self.events.write("connect", "in", None, None, sid=sid)
+
+        @sio.event
+        async def disconnect(sid, *args):
+            cid = self.sid_to_client.pop(sid, None)
+            self.events.write("disconnect", "in", self.round_number or None, cid, sid=sid)
+            if cid is None:
+                return
+            slot = self.clients.get(cid)
+            if slot is not None and slot.sid == sid:
+                slot.sid = None
+                slot.ready = False
+                slot.disconnected_at = time.monotonic()
+                self._ready_changed.set()
+                self.hook.fedplug_client_left(client_id=cid, reason="disconnected")
+                if not self._finished:
+                    self.echo(f"  client {cid} disconnected")
+                    asyncio.get_running_loop().create_task(self._give_up_later(cid, sid))
+
+        @sio.on(P.CLIENT_WAKE_UP)
+        async def client_wake_up(sid, data):
+            await self._on_wake_up(sid, data)
+
+        @sio.on(P.CLIENT_READY)
+        async def client_ready(sid, data):
+            await self._on_ready(sid, data)
+
+        @sio.on(P.CHECK_CLIENT_RESOURCE_DONE)
+        async def check_client_resource_done(sid, data):
+            await self._on_resource_done(sid, data)
+
+        @sio.on(P.CLIENT_UPDATE)
+        async def client_update(sid, data):
+            await self._on_update(sid, data)
+
+        @sio.on(P.CLIENT_EVAL)
+        async def client_eval(sid, data):
+            await self._on_eval(sid, data)
+
+        @sio.on("*")
+        async def unknown(event, sid, data=None):
+            await self._reject(sid, str(event), f"unknown event {event!r}", self._client_of(sid))
+
+    async def _give_up_later(self, client_id: str, sid: str) -> None:
+        """A client still gone after the grace period no longer holds up the current phase."""
+        await asyncio.sleep(float(self.server_cfg.reconnect_grace_s))
+        slot = self.clients.get(client_id)
+        if slot is not None and slot.sid is None:
+            for collector in self.collectors.values():
+                collector.give_up(client_id)
+
+    def _parse(self, event: str, data: Any) -> dict:
+        return P.parse(event, data)
+
+    async def _on_wake_up(self, sid: str, data: Any) -> None:
+        try:
+            msg = self._parse(P.CLIENT_WAKE_UP, data)
+        except P.ProtocolError as exc:
+            return await self._reject(sid, P.CLIENT_WAKE_UP, str(exc))
+        cid = msg["client_id"]
+        self.events.write(P.CLIENT_WAKE_UP, "in", None, cid, sid=sid)
+        if msg["protocol_version"] != P.PROTOCOL_VERSION:
+            await self._reject(sid, P.CLIENT_WAKE_UP,
+                               f"protocol version {msg['protocol_version']} is not supported; "
+                               f"this server speaks version {P.PROTOCOL_VERSION}", cid)
+            return await self.sio.disconnect(sid)
+        token = self.server_cfg.token
+        if token and msg.get("token") != str(token):
+            await self._reject(sid, P.CLIENT_WAKE_UP, "wrong or missing token", cid)
+            return await self.sio.disconnect(sid)
+        slot = self.clients.get(cid)
+        if slot is not None and slot.sid is not None and slot.sid != sid:
+            await self._reject(sid, P.CLIENT_WAKE_UP, f"client id {cid!r} is already connected", cid)
+            return await self.sio.disconnect(sid)
+        if slot is None:
+            slot = self.clients[cid] = ClientSlot(cid, sid)
+        slot.sid, slot.disconnected_at = sid, None
+        slot.info = dict(msg.get("info") or {})
+        self.sid_to_client[sid] = cid
+        await self._emit(P.INIT, cid, {
+            "protocol_version": P.PROTOCOL_VERSION,
+            "client_id": cid,
+            "round_number": self.round_number,
+            "model": self.model_cfg,
+            "class_names": list(self.class_names),
+            "resource_policy": self.policy_cfg,
+            "eval": _plain(self.cfg.eval),
+        })
+
+    async def _on_ready(self, sid: str, data: Any) -> None:
+        cid = self._client_of(sid)
+        if cid is None:
+            return await self._reject(sid, P.CLIENT_READY, "send client_wake_up first")
+        try:
+            msg = self._parse(P.CLIENT_READY, data)
+        except P.ProtocolError as exc:
+            return await self._reject(sid, P.CLIENT_READY, str(exc), cid)
+        if msg["client_id"] != cid:
+            return await self._reject(sid, P.CLIENT_READY, "client_id differs from client_wake_up", cid)
+        slot = self.clients[cid]
+        slot.ready, slot.num_train, slot.num_test = True, msg["num_train"], msg["num_test"]
+        self.events.write(P.CLIENT_READY, "in", None, cid, num_train=slot.num_train, num_test=slot.num_test)
+        self.echo(f"  client {cid} ready ({slot.num_train} train / {slot.num_test} test images)")
+        self.hook.fedplug_client_joined(client_id=cid, info={"num_train": slot.num_train,
+                                                             "num_test": slot.num_test, **slot.info})
+        self._ready_changed.set()
+
+    async def _on_resource_done(self, sid: str, data: Any) -> None:
+        cid = self._client_of(sid)
+        try:
+            msg = self._parse(P.CHECK_CLIENT_RESOURCE_DONE, data)
+        except P.ProtocolError as exc:
+            return await self._reject(sid, P.CHECK_CLIENT_RESOURCE_DONE, str(exc), cid)
+        self.events.write(P.CHECK_CLIENT_RESOURCE_DONE, "in", msg["round_number"], cid, load=msg["load_rate"])
+        collector = self.collectors.get(P.CHECK_CLIENT_RESOURCE_DONE)
+        reason = "no resource check in progress" if collector is None or cid is None else \
+            collector.admit(cid, msg["round_number"])
+        if reason:
+            return await self._reject(sid, P.CHECK_CLIENT_RESOURCE_DONE, reason, cid, msg["round_number"])
+        details = {k: float(v) for k, v in (msg.get("details") or {}).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        collector.settle(cid, ResourceReport(float(msg["load_rate"]), str((msg.get("details") or {}).get("kind", "")), details))
+
+    async def _on_update(self, sid: str, data: Any) -> None:
+        cid = self._client_of(sid)
+        try:
+            msg = self._parse(P.CLIENT_UPDATE, data)
+        except P.ProtocolError as exc:
+            return await self._reject(sid, P.CLIENT_UPDATE, str(exc), cid)
+        rnd = msg["round_number"]
+        size = len(msg.get("weights") or b"")
+        self.events.write(P.CLIENT_UPDATE, "in", rnd, cid, ok=msg["ok"], bytes=size)
+        collector = self.collectors.get(P.CLIENT_UPDATE)
+        reason = "no training round in progress" if collector is None or cid is None else \
+            collector.admit(cid, rnd)
+        if reason:
+            return await self._reject(sid, P.CLIENT_UPDATE, reason, cid, rnd)
+        if not msg["ok"]:
+            self.echo(f"  client {cid} reported a failed update: {msg.get('reason', 'no reason given')}")
+            self.events.write("update_failed", "in", rnd, cid, reason=msg.get("reason", ""))
+            return collector.settle(cid, {"accepted": False, "reason": msg.get("reason", "")})
+        if msg["train_size"] <= 0:
+            await self._reject(sid, P.CLIENT_UPDATE, "train_size must be positive", cid, rnd)
+            return collector.settle(cid, {"accepted": False, "reason": "train_size <= 0"})
+        collector.begin_work()
+        stream = self.stream
+        try:
+            weights = await self._offload(decode_checked, msg["weights"], self.spec)
+        except WireError as exc:
+            self.echo(f"  rejected update from {cid}: {exc}")
+            await self._reject(sid, P.CLIENT_UPDATE, f"update rejected: {exc}", cid, rnd)
+            self.events.write("update_rejected", "in", rnd, cid, reason=str(exc))
+            collector.settle(cid, {"accepted": False, "reason": str(exc)})
+        else:
+            update = ClientUpdate(cid, rnd, weights, int(msg["train_size"]), float(msg["train_loss"]))
+            if stream is not None and self.collectors.get(P.CLIENT_UPDATE) is collector:
+                stream.put(update)
+            collector.settle(cid, {"accepted": True, "train_size": update.num_examples,
+                                   "train_loss": update.train_loss, "seconds": msg.get("seconds")})
+        finally:
+            collector.end_work()
+
+    async def _on_eval(self, sid: str, data: Any) -> None:
+        cid = self._client_of(sid)
+        try:
+            msg = self._parse(P.CLIENT_EVAL, data)
+            stats = None
+            if msg["ok"] and msg.get("stats") is not None:
+                stats = DetectionStats.from_json(msg["stats"])
+                if stats.num_classes != len(self.class_names):
+                    raise P.ProtocolError(
+                        f"client_eval: statistics over {stats.num_classes} classes, the model has "
+                        f"{len(self.class_names)}")
+        except (P.ProtocolError, ValueError) as exc:
+            return await self._reject(sid, P.CLIENT_EVAL, str(exc), cid)
+        rnd = msg["round_number"]
+        self.events.write(P.CLIENT_EVAL, "in", rnd, cid, ok=msg["ok"], map50=msg["test_map"])
+        collector = self.collectors.get(P.CLIENT_EVAL)
+        reason = "no evaluation in progress" if collector is None or cid is None else collector.admit(cid, rnd)
+        if reason:
+            return await self._reject(sid, P.CLIENT_EVAL, reason, cid, rnd)
+        if not msg["ok"]:
+            self.echo(f"  client {cid} could not evaluate: {msg.get('reason', '')}")
+            return collector.settle(cid, None)
+        metrics = {k: float(v) for k, v in (msg.get("metrics") or {}).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        collector.settle(cid, {"test_size": msg["test_size"], "test_loss": float(msg["test_loss"]),
+                               "map50": float(msg["test_map"]), "recall": float(msg["test_recall"]),
+                               "stats": stats, "metrics": metrics})
+
+    async def _http_status(self, request: web.Request) -> web.Response:
+        return web.json_response({
+            "phase": self.phase,
+            "round": self.round_number,
+            "rounds": int(self.run_cfg.rounds),
+            "clients": {cid: {"connected": s.sid is not None, "ready": s.ready,
+                              "num_train": s.num_train, "num_test": s.num_test}
+                        for cid, s in self.clients.items()},
+            "best": self.best,
+            "history": [{"round": r.round_number, "train_loss": r.train_loss, "test_loss": r.test_loss,
+                         "map50": r.map50, "recall": r.recall, "clients": len(r.participants)}
+                        for r in self.history],
+        })
+
+    # ------------------------------------------------------------------ the run
+
+    def ready_clients(self) -> list[str]:
+        return sorted(cid for cid, s in self.clients.items() if s.ready and s.sid is not None)
+
+    async def wait_for_clients(self, needed: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.ready_clients()) < needed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RunFailed(
+                    f"only {len(self.ready_clients())} of run.min_clients={needed} clients became ready within "
+                    f"server.ready_timeout_s={timeout:g}s; start more clients or lower run.min_clients")
+            self._ready_changed.clear()
+            try:
+                await asyncio.wait_for(self._ready_changed.wait(), min(left, 1.0))
+            except asyncio.TimeoutError:
+                pass
+
+    async def run_federation(self) -> int:
+        """Run every round; return the process exit status (0 on success)."""
+        rounds = int(self.run_cfg.rounds)
+        self.hook.fedplug_run_start(config=_plain(self.cfg), run_dir=self.run_dir)
+        reason = "completed"
+        status = 0
+        try:
+            self.phase = "waiting for clients"
+            self.echo(f"waiting for {self.run_cfg.min_clients} clients (run.min_clients) ...")
+            await self.wait_for_clients(int(self.run_cfg.min_clients), float(self.server_cfg.ready_timeout_s))
+            patience_left = int(self.run_cfg.patience)
+            for rnd in range(self.start_round, rounds + 1):
+                self.round_number = rnd
+                record = await self._run_round_with_retries(rnd)
+                self.history.append(record)
+                stop_early = False
+                if record.test_loss is not None and int(self.run_cfg.patience) > 0:
+                    best_loss = min((r.test_loss for r in self.history[:-1] if r.test_loss is not None),
+                                    default=math.inf)
+                    if record.test_loss < best_loss:
+                        patience_left = int(self.run_cfg.patience)
+                    else:
+                        patience_left -= 1
+                        stop_early = patience_left <= 0
+                await self._offload(self._finish_round, record)
+                self._print_round(record)
+                if stop_early:
+                    reason = (f"early stop: the global test loss did not improve for "
+                              f"{self.run_cfg.patience} evaluations (run.patience)")
+                    self.echo(reason)
+                    break
+        except RunFailed as exc:
+            reason, status = f"failed: {exc}", 1
+            self.echo(f"run failed: {exc}")
+        finally:
+            self.phase = "finished"
+            self._finished = True
+            for cid in list(self.clients):
+                await self._emit(P.RUN_FINISHED, cid, {"round_number": self.round_number, "reason": reason,
+                                                      "best_round": self.best.get("round")})
+            self.hook.fedplug_run_end(rounds=list(self.history), best_round=self.best.get("round"),
+                                      reason=reason)
+        self.echo("")
+        self.echo(format_table(self.history, self.best.get("round")))
+        if self.best.get("round") is not None:
+            self.echo(f"best round: {self.best['round']} (mAP@0.5 {self.best['map50']:.4f}); "
+                      f"checkpoints in {self.outputs.checkpoint_dir}")
+        self.echo(f"run directory: {self.run_dir}")
+        return status
+
+    async def _run_round_with_retries(self, rnd: int) -> RoundRecord:
+        retries = int(self.server_cfg.round_retries)
+        for attempt in range(retries + 1):
+            try:
+                return await self._run_round(rnd)
+            except RunFailed as exc:
+                if attempt == retries:
+                    raise RunFailed(f"round {rnd} failed after {retries + 1} attempt(s): {exc}") from None
+                self.echo(f"  round {rnd} attempt {attempt + 1} failed: {exc}; retrying")
+                await self.wait_for_clients(1, float(self.server_cfg.ready_timeout_s))
+        raise AssertionError("unreachable")
+
+    def _quorum(self, n: int) -> int:
+        return max(1, math.ceil(float(self.server_cfg.quorum) * n))
+
+    async def _run_round(self, rnd: int) -> RoundRecord:
+        t0 = time.monotonic()
+        rounds = int(self.run_cfg.rounds)
+        ready = self.ready_clients()
+        if not ready:
+            raise RunFailed("no client is connected and ready")
+        k = min(int(self.run_cfg.clients_per_round), len(ready))
+        contacted = sorted(self.rng.sample(ready, k))
+        self.echo(f"round {rnd}/{rounds}: resource check on {len(contacted)} client(s) "
+                  f"[{self.policy_cfg.get('name')}]")
+        selected = await self._resource_check(rnd, contacted)
+        settings = dict(_plain(self.cfg.train))
+        extra = self.hook.fedplug_aggregator_round_settings(round_number=rnd, config=self.aggregator_cfg)
+        settings.update(dict(extra or {}))
+        settings["seed"] = int(self.run_cfg.seed) * 100003 + rnd
+        self.round_start_weights = round_start_weights = self.global_weights
+        payload_bytes = await self._offload(encode_state, round_start_weights)  # once per round
+        self.echo(f"  training on {len(selected)} client(s): {', '.join(selected)}")
+
+        self.stream = stream = UpdateStream()
+        collector = PhaseCollector(P.CLIENT_UPDATE, rnd, set(selected))
+        self.collectors[P.CLIENT_UPDATE] = collector
+        work_state = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in self.aggregator_state.items()}
+        aggregation = asyncio.get_running_loop().run_in_executor(
+            self.pool, self._aggregate, round_start_weights, stream, rnd, work_state)
+        self.phase = f"round {rnd}: training"
+        self.hook.fedplug_round_start(round_number=rnd, client_ids=list(selected))
+        for cid in selected:
+            await self._emit(P.REQUEST_UPDATE, cid, {
+                "round_number": rnd, "model_id": str(self.model_cfg.get("name")),
+                "settings": settings, "weights": payload_bytes,
+            })
+        await collector.wait(float(self.server_cfg.update_timeout_s))
+        self.collectors.pop(P.CLIENT_UPDATE, None)
+        self.stream = None
+        stream.close()
+        new_weights, agg_error = await aggregation
+        answers = collector.values()
+        accepted = {cid: a for cid, a in answers.items() if a.get("accepted")}
+        missing = sorted(set(selected) - set(answers))
+        if missing:
+            self.echo(f"  no update from {', '.join(missing)} (deadline or disconnect)")
+        needed = self._quorum(len(selected))
+        if len(accepted) < needed or new_weights is None:
+            detail = f"; aggregation: {agg_error}" if agg_error else ""
+            raise RunFailed(f"{len(accepted)} accepted update(s), quorum is {needed} of {len(selected)}{detail}")
+        self.global_weights = new_weights
+        self.aggregator_state = work_state
+        total = sum(a["train_size"] for a in accepted.values())
+        train_loss = sum(a["train_loss"] * a["train_size"] for a in accepted.values()) / total
+        per_client = {cid: {"train_loss": a["train_loss"], "train_size": float(a["train_size"])}
+                      for cid, a in accepted.items()}
+
+        record_kwargs: dict[str, Any] = {}
+        evaluate = rnd % int(self.run_cfg.eval_every) == 0 or rnd == rounds
+        if evaluate:
+            record_kwargs = await self._evaluate(rnd, stop=(rnd == rounds), per_client=per_client)
+        return RoundRecord(round_number=rnd, participants=tuple(sorted(accepted)), train_loss=train_loss,
+                           seconds=time.monotonic() - t0, per_client=per_client, **record_kwargs)
+
+    def _aggregate(self, start_weights, stream: UpdateStream, rnd: int, state: dict):
+        try:
+            result = self.hook.fedplug_aggregate(global_weights=start_weights, updates=stream,
+                                                 round_number=rnd, config=self.aggregator_cfg, state=state)
+            for _ in stream:  # drain, in case the aggregator stopped early
+                pass
+        except EmptyRoundError as exc:
+            return None, f"no update to aggregate ({exc})"
+        except Exception as exc:  # a plugin bug must not take the global model with it
+            log.exception("aggregator %s failed", self.aggregator_cfg.get("name"))
+            return None, f"aggregator {self.aggregator_cfg.get('name')!r} raised {type(exc).__name__}: {exc}"
+        if result is None:
+            return None, f"aggregator {self.aggregator_cfg.get('name')!r} returned nothing"
+        try:
+            from fedplug.wire import check_against_spec
+
+            check_against_spec(result, self.spec)
+        except WireError as exc:
+            return None, f"aggregator {self.aggregator_cfg.get('name')!r} returned an invalid model: {exc}"
+        return result, None
+
+    async def _resource_check(self, rnd: int, contacted: list[str]) -> list[str]:
+        attempts = int(self.server_cfg.resource_max_attempts)
+        for attempt in range(1, attempts + 1):
+            self.phase = f"round {rnd}: resource check"
+            collector = PhaseCollector(P.CHECK_CLIENT_RESOURCE_DONE, rnd, set(contacted))
+            self.collectors[P.CHECK_CLIENT_RESOURCE_DONE] = collector
+            for cid in contacted:
+                await self._emit(P.CHECK_CLIENT_RESOURCE, cid, {"round_number": rnd, "attempt": attempt})
+            await collector.wait(float(self.server_cfg.resource_timeout_s))
+            self.collectors.pop(P.CHECK_CLIENT_RESOURCE_DONE, None)
+            reports = collector.values()
+            decision = self.hook.fedplug_select_clients(reports=reports, contacted=list(contacted),
+                                                        config=self.policy_cfg)
+            selected = [cid for cid in decision.selected if cid in contacted]
+            if decision.proceed and selected:
+                return selected
+            backoff = min(float(attempt), 10.0)  # the original: 1 s more each time, up to 10 s
+            self.echo(f"  resource check {attempt}/{attempts} did not pass: {decision.reason}"
+                      + (f"; asking again in {backoff:g}s" if attempt < attempts else ""))
+            if attempt < attempts:
+                await asyncio.sleep(backoff)
+                contacted = [cid for cid in contacted if cid in self.ready_clients()] or self.ready_clients()
+        if str(self.server_cfg.on_resource_exhausted) == "proceed":
+            answered = [cid for cid in contacted if cid in self.ready_clients()]
+            self.echo(f"  resource check never passed in {attempts} attempts; proceeding with "
+                      f"{len(answered)} client(s) (server.on_resource_exhausted=proceed)")
+            if answered:
+                return answered
+        raise RunFailed(f"the resource check did not pass in {attempts} attempts "
+                        f"(server.resource_max_attempts); last verdict: {decision.reason}")
+
+    async def _evaluate(self, rnd: int, stop: bool, per_client: dict) -> dict[str, Any]:
+        self.phase = f"round {rnd}: evaluation"
+        evaluators = self.ready_clients()
+        payload_bytes = await self._offload(encode_state, self.global_weights)
+        collector = PhaseCollector(P.CLIENT_EVAL, rnd, set(evaluators))
+        self.collectors[P.CLIENT_EVAL] = collector
+        for cid in evaluators:
+            await self._emit(P.STOP_AND_EVAL, cid, {"round_number": rnd, "weights": payload_bytes, "STOP": stop})
+        await collector.wait(float(self.server_cfg.eval_timeout_s))
+        self.collectors.pop(P.CLIENT_EVAL, None)
+        evals = collector.values()
+        if len(evals) < self._quorum(len(evaluators)):
+            self.echo(f"  only {len(evals)} of {len(evaluators)} clients evaluated; metrics cover those")
+        if not evals:
+            return {}
+        return await self._offload(self._global_metrics, evals, per_client)
+
+    def _global_metrics(self, evals: Mapping[str, dict], per_client: dict) -> dict[str, Any]:
+        """Weighted test loss and the exact mAP/recall over the union of the clients' test sets."""
+        from fedplug import metrics
+
+        total = sum(e["test_size"] for e in evals.values()) or 1
+        test_loss = sum(e["test_loss"] * e["test_size"] for e in evals.values()) / total
+        for cid, e in evals.items():
+            per_client.setdefault(cid, {}).update(
+                {"test_loss": e["test_loss"], "map50": e["map50"], "recall": e["recall"],
+                 "test_size": float(e["test_size"])})
+        extra: dict[str, float] = {}
+        all_stats = [e["stats"] for e in evals.values()]
+        if all(s is not None for s in all_stats):
+            merged = all_stats[0]
+            for s in all_stats[1:]:
+                merged = merged.merge(s)
+            summary = metrics.summarize(merged, use_07_metric=bool(self.cfg.eval.use_07_metric))
+            map50, recall = float(summary["map50"]), float(summary["recall"])
+            if summary.get("coco_map") is not None:
+                extra["coco_map"] = float(summary["coco_map"])
+            extra["map_exact"] = 1.0
+        else:  # a client without statistics: fall back to the test-size-weighted mean, and say so
+            map50 = sum(e["map50"] * e["test_size"] for e in evals.values()) / total
+            recall = sum(e["recall"] * e["test_size"] for e in evals.values()) / total
+            extra["map_exact"] = 0.0
+        extra["evaluators"] = float(len(evals))
+        return {"test_loss": test_loss, "map50": map50, "recall": recall, "extra": extra}
+
+    def _finish_round(self, record: RoundRecord) -> None:
+        """Metrics, checkpoints, resume point and observers; runs in a worker thread."""
+        self.outputs.record_round(record)
+        meta = {"round": record.round_number, "map50": record.map50, "test_loss": record.test_loss,
+                "model": self.model_cfg.get("name"), "class_names": list(self.class_names)}
+        self.outputs.save_checkpoint("last", self.global_weights, meta)
+        if record.map50 is not None and (self.best.get("map50") is None or record.map50 > self.best["map50"]):
+            self.best = {"round": record.round_number, "map50": record.map50, "test_loss": record.test_loss}
+            self.outputs.save_checkpoint("best", self.global_weights, meta)
+        self.outputs.save_resume_point(record.round_number, self.aggregator_state, self.history, self.best)
+        self.hook.fedplug_round_end(record=record, global_weights=self.global_weights,
+                                    previous_weights=self.round_start_weights)
+
+    def _print_round(self, r: RoundRecord) -> None:
+        def f(v):
+            return "-" if v is None else f"{v:.4f}"
+
+        self.echo(f"  round {r.round_number} done in {r.seconds:.1f}s: train_loss {f(r.train_loss)}  "
+                  f"test_loss {f(r.test_loss)}  mAP@0.5 {f(r.map50)}  recall {f(r.recall)}  "
+                  f"clients {len(r.participants)}")
