@@ -91,6 +91,7 @@ class DetectionDataset(torch.utils.data.Dataset):
             raise DatasetError(f"class names must be non-empty and unique, got {list(class_names)}")
         self.transforms = transforms
         self.records: list[ImageRecord] = []
+        self.source = type(self).__name__  # where the data came from, for error messages
 
     def _set_records(self, records: list[ImageRecord]) -> None:
         self.records = records
@@ -116,6 +117,17 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def image_name(self, index: int) -> str:
         return self.records[index].name
+
+    def group_keys(self, key: str) -> list:
+        """Each image's value of the per-image field ``key`` (camera, device id): the ``group`` partition's input."""
+        missing = [r.name for r in self.records if key not in r.groups]
+        if missing:
+            present = sorted(self.records[0].groups) if self.records else []
+            raise DatasetError(
+                f"{self.source}: {len(missing)} image(s) have no group key {key!r} (first: {missing[0]!r}); "
+                f"keys present: {present or 'none'} (partition.group_key)"
+            )
+        return [r.groups[key] for r in self.records]
 
     def class_counts(self) -> np.ndarray:
         """Objects per class, ``int64 [K]`` (index ``k - 1`` counts label ``k``)."""
@@ -171,6 +183,7 @@ class DetectionSubset(torch.utils.data.Dataset):
         self.dataset = dataset
         self.indices = [int(i) for i in indices]
         self.class_names = dataset.class_names
+        self.source = dataset.source
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -143,6 +143,7 @@ class VOCDetection(DetectionDataset):
         super().__init__(class_names, transforms)
         self.root = Path(root).expanduser()
         self.split = split
+        self.source = f"VOC folder {self.root} split {split!r}"
         if not self.root.is_dir():
             raise DatasetError(f"VOC folder {self.root} does not exist: expected {LAYOUT}")
         for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
