@@ -8,12 +8,12 @@ Decentralized Data", Algorithm 1).  They call :func:`weighted_mean_of_updates`
 from their ``fedplug_aggregate`` hook, in the server's aggregation worker thread.
 
 Memory: the updates arrive as a stream (see ``fedplug_aggregate`` in
-``fedplug/hooks.py``).  Each update is folded into ONE float64 running sum and
-then dropped, so the server holds the running sum (2x the float32 model), the
-update being folded in and nothing else: memory is O(model), independent of
-the number of clients.
+``fedplug/hooks.py``).  Each update is folded into ONE float64 running mean
+and then dropped, so the server holds the running mean (2x the float32 model),
+the update being folded in, one float64 temporary of the tensor being added,
+and nothing else: memory is O(model), independent of the number of clients.
 
-Integer and bool buffers (BatchNorm's ``num_batches_tracked``): summed in
+Integer and bool buffers (BatchNorm's ``num_batches_tracked``): averaged in
 float64 like everything else and turned back into the buffer's dtype by
 :func:`finish_like`, which rounds the weighted mean to the nearest integer
 (ties to even).  Why the rounded mean rather than the max or the sum:
@@ -68,29 +68,37 @@ def check_update_matches(update: ClientUpdate, template: Mapping[str, torch.Tens
         )
 
 
-class WeightedSum:
-    """One float64 running sum per tensor: ``sum_k n_k * w_k`` and ``sum_k n_k``.
+class RunningWeightedMean:
+    """One float64 running weighted mean per tensor, updated in place, one update at a time.
 
-    Never keeps a reference to an added state dict; ``add`` reads each tensor
-    once and adds it in place (the float32 -> float64 promotion happens inside
-    ``add_``, so no temporary copy of the tensor is made).
+    ``mean_k = mean_{k-1} + (n_k / (n_1 + ... + n_k)) * (w_k - mean_{k-1})``, the
+    incremental form of ``sum_k n_k w_k / sum_k n_k``: it needs no final
+    division, so one update (or identical updates) comes back bit-exact, and it
+    never builds a large sum.  Never keeps a reference to an added state dict;
+    the only temporary is the difference for the tensor being added.
     """
 
     def __init__(self, template: Mapping[str, torch.Tensor]):
-        self.sums: dict[str, torch.Tensor] = {
+        self.means: dict[str, torch.Tensor] = {
             name: torch.zeros(t.shape, dtype=ACC_DTYPE, device=t.device) for name, t in template.items()
         }
         self.total_weight = 0.0
         self.count = 0
 
     def add(self, weights: Mapping[str, torch.Tensor], weight: float) -> None:
-        for name, acc in self.sums.items():
-            acc.add_(weights[name].detach(), alpha=weight)
-        self.total_weight += float(weight)
         self.count += 1
+        if weight == 0:
+            return  # contributes nothing; counted so that an all-zero round gets a clear error
+        self.total_weight += float(weight)
+        fraction = float(weight) / self.total_weight
+        for name, mean in self.means.items():
+            # copy=True: never write into the client's tensor (a float64 one would otherwise be it)
+            difference = weights[name].detach().to(ACC_DTYPE, copy=True).sub_(mean)
+            mean.add_(difference, alpha=fraction)
+            del difference
 
     def mean(self) -> dict[str, torch.Tensor]:
-        """The weighted mean in float64; the running sums become the mean (no copy)."""
+        """The weighted mean in float64 (the accumulator's own tensors, not copies)."""
         if self.count == 0:
             raise EmptyRoundError("no client update to aggregate in this round")
         if self.total_weight <= 0:
@@ -98,9 +106,7 @@ class WeightedSum:
                 f"all {self.count} updates of this round report num_examples=0, so their weighted mean "
                 "is undefined; clients must report how many training examples they used"
             )
-        for acc in self.sums.values():
-            acc.div_(self.total_weight)
-        return self.sums
+        return self.means
 
 
 def weighted_mean_of_updates(
@@ -111,7 +117,7 @@ def weighted_mean_of_updates(
     Weighted by ``num_examples``.  Raises :class:`~fedplug.types.EmptyRoundError`
     when the stream yields nothing.
     """
-    acc = WeightedSum(template)
+    acc = RunningWeightedMean(template)
     for update in updates:
         check_update_matches(update, template)
         acc.add(update.weights, update.num_examples)

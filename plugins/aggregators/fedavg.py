@@ -11,11 +11,11 @@ parameters and BatchNorm running statistics alike.
 
 Integer buffers (``num_batches_tracked``): the weighted mean rounded to the
 nearest integer (ties to even), and bool buffers the weighted majority; see
-``_accumulate.py`` for why.  Everything else keeps its own dtype; the sum is
+``_accumulate.py`` for why.  Everything else keeps its own dtype; the mean is
 accumulated in float64.
 
 Memory: streaming.  ``updates`` is consumed once and each update is folded
-into one float64 running sum and dropped, so the server's memory does not
+into one float64 running mean and dropped, so the server's memory does not
 grow with the number of clients (``benchmarks/bench_aggregation_memory.py``).
 
 State: none.  Config (``conf/aggregator/fedavg.yaml``): no parameters.
@@ -30,6 +30,7 @@ from typing import Any, Iterable, Mapping
 from fedplug.hooks import hookimpl
 from fedplug.types import ClientUpdate, StateDict
 from fedplug_plugins.aggregators._accumulate import finish_like, weighted_mean_of_updates
+from fedplug_plugins.aggregators._params import check_keys
 
 
 def fedavg(global_weights: StateDict, updates: Iterable[ClientUpdate]) -> StateDict:
@@ -47,4 +48,5 @@ def fedplug_aggregate(
     state: dict,
 ) -> StateDict:
     """Called by the server once per round, in its aggregation worker thread."""
+    check_keys(config, ())
     return fedavg(global_weights, updates)
