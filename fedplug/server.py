@@ -95,7 +95,8 @@ class FederationServer:
 
         self.clients: dict[str, ClientSlot] = {}
         self.sid_to_client: dict[str, str] = {}
-        self.collectors: dict[str, PhaseCollector] = {}
+        self.collectors: dict[str, PhaseCollector] = {}  # the open phase per answer event
+        self.closed_collectors: dict[str, PhaseCollector] = {}  # the last closed one, for precise rejections
         self.stream: UpdateStream | None = None
         self.phase = "starting"
         self.round_number = 0
@@ -240,6 +241,24 @@ class FederationServer:
             for collector in self.collectors.values():
                 collector.give_up(client_id)
 
+    def _admit(self, event: str, cid: str | None, rnd: int) -> tuple[PhaseCollector | None, str | None]:
+        """The open collector for this answer, or why the answer is ignored."""
+        if cid is None:
+            return None, "send client_wake_up first"
+        collector = self.collectors.get(event)
+        if collector is not None:
+            return collector, collector.admit(cid, rnd)
+        closed = self.closed_collectors.get(event)
+        if closed is None:
+            return None, f"no {event} expected now"
+        # answer to a phase that already closed: say precisely why it is too late
+        return None, closed.admit(cid, rnd) or f"{event} for round {rnd} came after its phase closed"
+
+    def _close(self, event: str) -> None:
+        collector = self.collectors.pop(event, None)
+        if collector is not None:
+            self.closed_collectors[event] = collector
+
     def _parse(self, event: str, data: Any) -> dict:
         return P.parse(event, data)
 
@@ -303,9 +322,7 @@ class FederationServer:
         except P.ProtocolError as exc:
             return await self._reject(sid, P.CHECK_CLIENT_RESOURCE_DONE, str(exc), cid)
         self.events.write(P.CHECK_CLIENT_RESOURCE_DONE, "in", msg["round_number"], cid, load=msg["load_rate"])
-        collector = self.collectors.get(P.CHECK_CLIENT_RESOURCE_DONE)
-        reason = "no resource check in progress" if collector is None or cid is None else \
-            collector.admit(cid, msg["round_number"])
+        collector, reason = self._admit(P.CHECK_CLIENT_RESOURCE_DONE, cid, msg["round_number"])
         if reason:
             return await self._reject(sid, P.CHECK_CLIENT_RESOURCE_DONE, reason, cid, msg["round_number"])
         details = {k: float(v) for k, v in (msg.get("details") or {}).items()
@@ -321,9 +338,7 @@ class FederationServer:
         rnd = msg["round_number"]
         size = len(msg.get("weights") or b"")
         self.events.write(P.CLIENT_UPDATE, "in", rnd, cid, ok=msg["ok"], bytes=size)
-        collector = self.collectors.get(P.CLIENT_UPDATE)
-        reason = "no training round in progress" if collector is None or cid is None else \
-            collector.admit(cid, rnd)
+        collector, reason = self._admit(P.CLIENT_UPDATE, cid, rnd)
         if reason:
             return await self._reject(sid, P.CLIENT_UPDATE, reason, cid, rnd)
         if not msg["ok"]:
@@ -366,8 +381,7 @@ class FederationServer:
             return await self._reject(sid, P.CLIENT_EVAL, str(exc), cid)
         rnd = msg["round_number"]
         self.events.write(P.CLIENT_EVAL, "in", rnd, cid, ok=msg["ok"], map50=msg["test_map"])
-        collector = self.collectors.get(P.CLIENT_EVAL)
-        reason = "no evaluation in progress" if collector is None or cid is None else collector.admit(cid, rnd)
+        collector, reason = self._admit(P.CLIENT_EVAL, cid, rnd)
         if reason:
             return await self._reject(sid, P.CLIENT_EVAL, reason, cid, rnd)
         if not msg["ok"]:
@@ -510,7 +524,7 @@ class FederationServer:
                 "settings": settings, "weights": payload_bytes,
             })
         await collector.wait(float(self.server_cfg.update_timeout_s))
-        self.collectors.pop(P.CLIENT_UPDATE, None)
+        self._close(P.CLIENT_UPDATE)
         self.stream = None
         stream.close()
         new_weights, agg_error = await aggregation
@@ -541,8 +555,6 @@ class FederationServer:
         try:
             result = self.hook.fedplug_aggregate(global_weights=start_weights, updates=stream,
                                                  round_number=rnd, config=self.aggregator_cfg, state=state)
-            for _ in stream:  # drain, in case the aggregator stopped early
-                pass
         except EmptyRoundError as exc:
             return None, f"no update to aggregate ({exc})"
         except Exception as exc:  # a plugin bug must not take the global model with it
@@ -567,7 +579,7 @@ class FederationServer:
             for cid in contacted:
                 await self._emit(P.CHECK_CLIENT_RESOURCE, cid, {"round_number": rnd, "attempt": attempt})
             await collector.wait(float(self.server_cfg.resource_timeout_s))
-            self.collectors.pop(P.CHECK_CLIENT_RESOURCE_DONE, None)
+            self._close(P.CHECK_CLIENT_RESOURCE_DONE)
             reports = collector.values()
             decision = self.hook.fedplug_select_clients(reports=reports, contacted=list(contacted),
                                                         config=self.policy_cfg)
@@ -598,7 +610,7 @@ class FederationServer:
         for cid in evaluators:
             await self._emit(P.STOP_AND_EVAL, cid, {"round_number": rnd, "weights": payload_bytes, "STOP": stop})
         await collector.wait(float(self.server_cfg.eval_timeout_s))
-        self.collectors.pop(P.CLIENT_EVAL, None)
+        self._close(P.CLIENT_EVAL)
         evals = collector.values()
         if len(evals) < self._quorum(len(evaluators)):
             self.echo(f"  only {len(evals)} of {len(evaluators)} clients evaluated; metrics cover those")
