@@ -126,6 +126,8 @@ async def run_server(cfg: Any, embedded: bool) -> int:
                  f"{cfg.run.num_clients} clients ...")
             federation = prepare_federation(data_cfg, int(cfg.run.num_clients))
             class_names = tuple(federation.class_names)
+            if federation.summary:
+                echo(federation.summary)
         else:
             class_names = tuple(class_names_of(data_cfg))
     except (DatasetError, FileNotFoundError) as exc:
@@ -185,11 +187,34 @@ def _hydra_entry() -> None:
     _main()
 
 
+def check_selected_plugins(args: list[str]) -> None:
+    """Fail fast, before Hydra, when ``aggregator=x`` / ``model=x`` / ``resource_policy=x`` names no plugin.
+
+    Hydra alone would only say that no config file is called ``x``; this says
+    which plugins are installed, from which packages, and how to add one.
+    """
+    from fedplug.plugins import CONFIG_GROUP_OF_ROLE, PluginError, discover, load_plugin
+
+    role_of_group = {group: role for role, group in CONFIG_GROUP_OF_ROLE.items()}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if not sep or key not in role_of_group or not value:
+            continue
+        if value not in discover(role_of_group[key]):
+            try:
+                load_plugin(role_of_group[key], value)
+            except PluginError as exc:
+                echo(f"plugin error: {exc}")
+                sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point of ``fedplug`` and ``python -m fedplug``."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["plugins"]:
         sys.exit(print_plugins())
+    check_selected_plugins(args)
     extra = plugin_search_paths()
     if extra and not any(a.startswith("hydra.searchpath") for a in args):
         args.append("hydra.searchpath=[" + ",".join(f"'{p}'" for p in extra) + "]")
