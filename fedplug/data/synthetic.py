@@ -74,7 +74,7 @@ SHAPES: dict[str, ShapeStyle] = {
     "car": ShapeStyle("rectangle", (1.5, 2.1), (215, 35, 35)),  # wide red box
     "person": ShapeStyle("ellipse", (0.36, 0.5), (35, 75, 225)),  # tall blue ellipse
     "sign": ShapeStyle("triangle", (0.95, 1.15), (240, 205, 25)),  # yellow triangle
-    "bike": ShapeStyle("diamond", (0.9, 1.1), (35, 180, 60)),  # green diamond
+    "bike": ShapeStyle("diamond", (0.9, 1.1), (30, 195, 45)),  # green diamond
     "light": ShapeStyle("circle", (1.0, 1.0), (205, 45, 205)),  # magenta disc
 }
 
