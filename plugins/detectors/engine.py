@@ -306,7 +306,7 @@ def train_one_round(
                     loss_dict = model(images, targets)
                     loss = sum(loss_dict.values())
                 if not torch.isfinite(loss):
-                    parts = ", ".join(f"{k}={float(v):.4g}" for k, v in loss_dict.items())
+                    parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in loss_dict.items())
                     optimizer.zero_grad(set_to_none=True)
                     return _failure(
                         f"non-finite training loss at epoch {epoch + 1}, batch {b + 1} ({parts}); "
@@ -363,7 +363,7 @@ def train_one_round(
 
     seconds = time.monotonic() - t0
     weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    out_metrics = {f"loss_{k}": v / loss_batches for k, v in component_sums.items()}
+    out_metrics = {(k if k.startswith("loss") else f"loss_{k}"): v / loss_batches for k, v in component_sums.items()}
     out_metrics.update(
         lr=float(lr_now),
         steps=float(step),
