@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,8 +288,6 @@ def _voc_class_names(root: Path) -> tuple[str, ...]:
     names: set[str] = set()
     for folder in folders:
         for xml in sorted((folder / "Annotations").glob("*.xml")):
-            import xml.etree.ElementTree as ET
-
             try:
                 names.update((o.findtext("name") or "").strip() for o in ET.parse(xml).getroot().iter("object"))
             except ET.ParseError as exc:
