@@ -232,6 +232,20 @@ def test_state_survives_a_safetensors_checkpoint(name):
 
 
 @pytest.mark.parametrize("name", STATEFUL)
+def test_previous_state_tensors_are_replaced_not_modified(name):
+    """The server may still be checkpointing round t's state while round t+1 aggregates."""
+    base = model_state()  # includes a float64 parameter, whose state is float64 too
+    state: dict = {}
+    weights = aggregate(name, base, updates_for(base), state=state)
+    previous = dict(state)
+    snapshot = {k: v.clone() for k, v in state.items()}
+    aggregate(name, weights, updates_for(weights, round_number=2), state=state, round_number=2)
+    for key, tensor in previous.items():
+        assert torch.equal(tensor, snapshot[key]), f"{key} of the previous round was modified in place"
+        assert not torch.equal(state[key], snapshot[key]), f"{key} did not advance"
+
+
+@pytest.mark.parametrize("name", STATEFUL)
 def test_state_from_another_model_is_a_clear_error_and_state_is_untouched(name):
     base = model_state()
     state: dict = {}

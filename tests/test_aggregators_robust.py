@@ -169,3 +169,17 @@ def test_krum_ignores_reported_num_examples():
     a = aggregate("multikrum", base, updates, num_byzantine=1)
     b = aggregate("multikrum", base, louder, num_byzantine=1)
     assert all(torch.equal(a[k], b[k]) for k in base)
+
+
+@pytest.mark.parametrize("name, params", [("fedmedian", {}), ("trimmed_mean", {"beta": 0.2}),
+                                          ("krum", {"num_byzantine": 1}), ("multikrum", {"num_byzantine": 1})])
+def test_chunked_arithmetic_matches_the_unchunked_result(name, params, monkeypatch):
+    """Robust aggregators walk the model in chunks of coordinates; chunk boundaries must not change anything."""
+    from fedplug_plugins.aggregators import _buffer
+
+    base, updates = random_updates(7, seed=31)
+    whole = aggregate(name, base, updates, **params)
+    monkeypatch.setattr(_buffer, "CHUNK", 5)  # 12- and 5-element tensors now span several chunks
+    chunked = aggregate(name, base, updates, **params)
+    for key in base:
+        assert torch.equal(whole[key], chunked[key]), key

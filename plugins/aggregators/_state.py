@@ -39,7 +39,9 @@ def load_moment(
             "the checkpoint being resumed belongs to another model; resume from a matching run "
             "or start without run.resume"
         )
-    return stored.to(device=like.device, dtype=torch.float64)
+    # copy=True: callers update the working copy in place, and ``state`` must only change
+    # when the whole round succeeded (a float64 state tensor would otherwise be returned as is).
+    return stored.to(device=like.device, dtype=torch.float64, copy=True)
 
 
 def store_moment(state: MutableMapping, key: str, value: torch.Tensor, like: torch.Tensor) -> None:

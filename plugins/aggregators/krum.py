@@ -28,7 +28,8 @@ Multi-Krum averages every tensor of the selected clients, integer buffers
 rounded to the nearest integer.
 
 Memory: **buffers all N updates** of the round (Krum's scores compare every
-pair), plus, per tensor, an N-row float64 stack.  Compute is O(N^2 x model).
+pair), plus an N-row float64 stack of one chunk of coordinates at a time
+(``_buffer.py``).  Compute is O(N^2 x model).
 State: none.
 
 Config (``conf/aggregator/krum.yaml``, ``multikrum.yaml``): ``num_byzantine``
@@ -45,8 +46,8 @@ import torch
 
 from fedplug.hooks import hookimpl
 from fedplug.types import ClientUpdate, StateDict
-from fedplug_plugins.aggregators._accumulate import cast_back, is_float
-from fedplug_plugins.aggregators._buffer import collect_updates, flat_float_rows, stack
+from fedplug_plugins.aggregators._accumulate import is_float
+from fedplug_plugins.aggregators._buffer import collect_updates, reduce_coordinates, stacked_chunks
 from fedplug_plugins.aggregators._params import check_keys, number, optional_count
 
 log = logging.getLogger(__name__)
@@ -58,11 +59,13 @@ def pairwise_squared_distances(updates: list[ClientUpdate], template: StateDict)
     """(N, N) float64 matrix of ||V_i - V_j||^2 over the floating tensors, accumulated tensor by tensor."""
     n = len(updates)
     dist = torch.zeros(n, n, dtype=torch.float64)
-    names = [name for name, t in template.items() if is_float(t)]
-    for rows in flat_float_rows(updates, names):
-        for i in range(n):
-            # Explicit differences rather than |a|^2 + |b|^2 - 2ab: no cancellation for close updates.
-            dist[i] += (rows - rows[i]).square_().sum(dim=1).cpu()
+    for name, like in template.items():
+        if not is_float(like):
+            continue
+        for _, _, rows in stacked_chunks(updates, name):
+            for i in range(n):
+                # Explicit differences rather than |a|^2 + |b|^2 - 2ab: no cancellation for close updates.
+                dist[i] += (rows - rows[i]).square_().sum(dim=1).cpu()
     return dist
 
 
@@ -109,7 +112,10 @@ def multikrum_aggregate(
     n = len(buffered)
     m = max(1, n - num_byzantine) if num_selected is None else min(num_selected, n)
     chosen = [buffered[i] for i in select(buffered, global_weights, num_byzantine, m)]
-    return {name: cast_back(stack(chosen, name).mean(dim=0), like) for name, like in global_weights.items()}
+    return {
+        name: reduce_coordinates(chosen, name, like, lambda values: values.mean(dim=0))
+        for name, like in global_weights.items()
+    }
 
 
 class _Krum:

@@ -20,8 +20,8 @@ buffers get the same rule, rounded to the nearest integer (for an odd number
 of clients the median is one client's value, exactly).
 
 Memory: **buffers all N updates** of the round, because a coordinate's
-median needs every client's value of it; plus, while processing one tensor,
-an N-row float64 stack of it and its sorted copy.  State: none.
+median needs every client's value of it; plus an N-row float64 stack of one
+chunk of coordinates and its sorted copy (``_buffer.py``).  State: none.
 
 Entry points: ``fedmedian`` and ``trimmed_mean`` are the objects at the
 bottom of this module.  Config: ``trimmed_mean`` takes ``beta`` (in [0, 0.5),
@@ -37,8 +37,7 @@ import torch
 
 from fedplug.hooks import hookimpl
 from fedplug.types import ClientUpdate, StateDict
-from fedplug_plugins.aggregators._accumulate import cast_back
-from fedplug_plugins.aggregators._buffer import collect_updates, stack
+from fedplug_plugins.aggregators._buffer import collect_updates, reduce_coordinates
 from fedplug_plugins.aggregators._params import check_keys, number
 
 DEFAULT_BETA = 0.1
@@ -57,8 +56,10 @@ def coordinatewise(
     """Buffer the round, then per tensor the trimmed mean with ``trim_of_n(N)`` values cut each side."""
     buffered = collect_updates(updates, global_weights)
     trim = trim_of_n(len(buffered))
-    return {name: cast_back(_sorted_trimmed_mean(stack(buffered, name), trim), like)
-            for name, like in global_weights.items()}
+    return {
+        name: reduce_coordinates(buffered, name, like, lambda values: _sorted_trimmed_mean(values, trim))
+        for name, like in global_weights.items()
+    }
 
 
 def coordinatewise_median(global_weights: StateDict, updates: Iterable[ClientUpdate]) -> StateDict:
