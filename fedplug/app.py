@@ -75,7 +75,14 @@ def run(cfg: Any) -> int:
         if mode == "plugins":
             return print_plugins()
         if mode == "client":
-            return run_client(cfg)
+            status = run_client(cfg)
+            # A client has nothing left to do: skip the interpreter's teardown of torch and its
+            # thread pools, which takes seconds on a loaded machine and would make the embedded
+            # launcher wait for (or kill) clients that already finished cleanly.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
         return asyncio.run(run_server(cfg, embedded=(mode == "embedded")))
     except PluginError as exc:
         echo(f"plugin error: {exc}")
@@ -152,20 +159,26 @@ async def run_server(cfg: Any, embedded: bool) -> int:
     echo(f"fedplug server on {url}  model={cfg.model.name} ({server.num_parameters:,} parameters) "
          f"aggregator={cfg.aggregator.name} resource_policy={cfg.resource_policy.name}  classes={list(class_names)}")
     clients = ClientProcesses()
+    watcher = None
     try:
         if embedded:
             n = int(cfg.run.num_clients)
             threads = _threads(cfg, n)
             augment = data_cfg.get("augment")
+            passthrough = [o for o in HydraConfig.get().overrides.hydra if o.startswith("hydra.searchpath")]
             commands = {
                 f"client_{i + 1}": client_command(url, f"client_{i + 1}", spec, run_dir, threads, augment,
-                                                  str(cfg.client.device), cfg.server.token)
+                                                  str(cfg.client.device), cfg.server.token, passthrough)
                 for i, spec in enumerate(federation.client_specs[:n])
             }
             echo(f"starting {len(commands)} client processes (logs in {run_dir / 'clients'}) ...")
             clients.start(commands, run_dir / "clients")
+            watcher = asyncio.get_running_loop().create_task(
+                _watch_clients(server, clients, run_dir / "clients", int(cfg.run.min_clients)))
         status = await server.run_federation()
     finally:
+        if watcher is not None:
+            watcher.cancel()
         await server.stop()
         if embedded:
             codes = clients.stop()
@@ -173,6 +186,23 @@ async def run_server(cfg: Any, embedded: bool) -> int:
             if bad:
                 log.warning("client exit codes: %s", bad)
     return status
+
+
+async def _watch_clients(server, clients, log_dir: Path, min_clients: int) -> None:
+    """Report local client processes that crash; abort if too few are left to ever start a round."""
+    reported: set[str] = set()
+    while True:
+        await asyncio.sleep(0.5)
+        for cid, code in clients.exited_with_error().items():
+            if cid in reported:
+                continue
+            reported.add(cid)
+            echo(f"client process {cid} exited with status {code}; the end of its log:")
+            echo("    " + clients.log_tail(cid, log_dir).replace("\n", "\n    "))
+        if clients.alive() < min_clients and server.round_number == 0 and reported:
+            server.abort(f"only {clients.alive()} local client process(es) are running, "
+                         f"run.min_clients={min_clients}")
+            return
 
 
 def _hydra_entry() -> None:

@@ -33,12 +33,14 @@ def hydra_literal(value: Any) -> str:
 
 
 def client_command(server_url: str, client_id: str, spec: Mapping[str, Any], run_dir: Path,
-                   torch_threads: int, augment: Mapping | None, device: str, token: str | None) -> list[str]:
+                   torch_threads: int, augment: Mapping | None, device: str, token: str | None,
+                   passthrough: Sequence[str] = ()) -> list[str]:
     args = [
         sys.executable, "-m", "fedplug", "mode=client",
         f"client.server_url={server_url}",
         f"client.client_id={client_id}",
-        f"client.data={hydra_literal(dict(spec))}",
+        # one ++key=value each: a dataset spec may carry keys the default client.data lacks
+        *(f"++client.data.{key}={hydra_literal(value)}" for key, value in spec.items()),
         f"client.augment={hydra_literal(dict(augment) if augment else None)}",
         f"client.torch_threads={torch_threads}",
         f"client.device={device}",
@@ -46,6 +48,7 @@ def client_command(server_url: str, client_id: str, spec: Mapping[str, Any], run
     ]
     if token:
         args.append(f"client.token={hydra_literal(str(token))}")
+    args.extend(passthrough)  # e.g. the parent's hydra.searchpath, so clients compose the same groups
     return args
 
 
@@ -65,7 +68,21 @@ class ClientProcesses:
             self.logs.append(log)
             self.procs[cid] = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=env)
 
-    def stop(self, grace: float = 10.0) -> dict[str, int | None]:
+    def exited_with_error(self) -> dict[str, int]:
+        """Client processes that already ended with a non-zero status."""
+        return {cid: p.returncode for cid, p in self.procs.items() if p.poll() not in (None, 0)}
+
+    def alive(self) -> int:
+        return sum(1 for p in self.procs.values() if p.poll() is None)
+
+    def log_tail(self, client_id: str, log_dir: Path, lines: int = 15) -> str:
+        try:
+            text = (log_dir / f"{client_id}.out").read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    def stop(self, grace: float = 20.0) -> dict[str, int | None]:
         deadline = time.monotonic() + grace
         for proc in self.procs.values():
             try:

@@ -409,12 +409,21 @@ class FederationServer:
 
     # ------------------------------------------------------------------ the run
 
+    def abort(self, reason: str) -> None:
+        """Stop waiting for clients (e.g. the local client processes crashed)."""
+        self._abort_reason = reason
+        self._ready_changed.set()
+
+    _abort_reason: str | None = None
+
     def ready_clients(self) -> list[str]:
         return sorted(cid for cid, s in self.clients.items() if s.ready and s.sid is not None)
 
     async def wait_for_clients(self, needed: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while len(self.ready_clients()) < needed:
+            if self._abort_reason:
+                raise RunFailed(self._abort_reason)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RunFailed(
