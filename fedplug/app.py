@@ -166,9 +166,10 @@ async def run_server(cfg: Any, embedded: bool) -> int:
             threads = _threads(cfg, n)
             augment = data_cfg.get("augment")
             passthrough = [o for o in HydraConfig.get().overrides.hydra if o.startswith("hydra.searchpath")]
+            names = list(getattr(federation, "client_names", None) or [f"client_{i + 1}" for i in range(n)])
             commands = {
-                f"client_{i + 1}": client_command(url, f"client_{i + 1}", spec, run_dir, threads, augment,
-                                                  str(cfg.client.device), cfg.server.token, passthrough)
+                names[i]: client_command(url, names[i], spec, run_dir, threads, augment,
+                                         str(cfg.client.device), cfg.server.token, passthrough)
                 for i, spec in enumerate(federation.client_specs[:n])
             }
             echo(f"starting {len(commands)} client processes (logs in {run_dir / 'clients'}) ...")

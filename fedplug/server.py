@@ -165,7 +165,8 @@ class FederationServer:
         slot = self.clients.get(client_id)
         if slot is None or slot.sid is None:
             return False
-        self.events.write(event, "out", payload.get("round_number"), client_id)
+        flags = {"STOP": payload["STOP"]} if "STOP" in payload else {}
+        self.events.write(event, "out", payload.get("round_number"), client_id, **flags)
         try:
             await self.sio.emit(event, payload, to=slot.sid)
             return True
