@@ -147,8 +147,8 @@ def load_darknet_weights(
     body_bytes = path.stat().st_size - header.nbytes
     if body_bytes % 4:
         raise DarknetWeightsError(
-            f"{path}: {body_bytes} bytes after the header is not a whole number of float32 values; "
-            "the file is damaged or not a Darknet .weights file"
+            f"{path}: {body_bytes} bytes after the header is not a whole number of float32 values: "
+            "the file is truncated, damaged or not a Darknet .weights file"
         )
     total = body_bytes // 4
     explicit_cutoff = cutoff if cutoff is not None else cutoff_from_name(path)
@@ -200,7 +200,8 @@ def load_darknet_weights(
             f"{path} is too short: it holds {total} float32 values after its header, but the "
             f"{len(selected)} conv layers to load (cfg layers < {explicit_cutoff if explicit_cutoff else convs[-1].layer + 1}) "
             f"of YOLOv3 {where} need {needed}; it ends inside cfg layer {ends_in.layer}. The file is "
-            "truncated, or was written for a larger model (another variant or more classes)"
+            "truncated, or was written for a smaller model (another variant, or fewer classes: then "
+            "model.weights_reinit_heads=true keeps all but the output layers)"
         )
     if total > needed and explicit_cutoff is None:
         raise DarknetWeightsError(
