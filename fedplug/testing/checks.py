@@ -10,9 +10,7 @@ import math
 from typing import Any, Mapping
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
-
+from fedplug import wire
 from fedplug.types import StateDict
 
 
@@ -66,13 +64,16 @@ def assert_finite(state: StateDict, what: str = "result") -> None:
             assert bool(torch.isfinite(t).all()), f"{what}[{name!r}] holds non-finite values"
 
 
-def wire_round_trip(state: StateDict) -> StateDict:
-    """Encode as the wire format does (safetensors bytes) and decode again.
+def wire_round_trip(state: StateDict, reference: StateDict | None = None) -> StateDict:
+    """Send ``state`` through the core's wire format and back, as a peer would receive it.
 
-    Fails like the core's encoder would on tensors safetensors cannot hold
-    (non-contiguous views, tensors sharing memory).
+    Encodes with :func:`fedplug.wire.encode_state` (safetensors bytes) and decodes
+    with :func:`fedplug.wire.decode_checked` against the layout of ``reference``
+    (default: ``state`` itself), which also rejects non-finite values.  Raises
+    what the core would raise: e.g. for a non-tensor value or a sparse tensor.
     """
-    return st_load(st_save(dict(state)))
+    spec = wire.spec_of(dict(reference if reference is not None else state))
+    return wire.decode_checked(wire.encode_state(dict(state)), spec)
 
 
 def float_distance(a: StateDict, b: StateDict, names=None) -> float:

@@ -10,6 +10,7 @@ registers that object on a fresh manager with the same hook specifications.
 from __future__ import annotations
 
 import copy
+import types
 from importlib import metadata, resources
 from typing import Any
 
@@ -41,6 +42,16 @@ def plugin_manager(role: str, name: str, plugin: object | None = None) -> pluggy
     plugins.register_object(pm, role, name, plugin)
     pm.check_pending()
     return pm
+
+
+def plugin_identity(plugin: object | None) -> str | None:
+    """A stable key for a plugin object (its module or class), for caching results per plugin."""
+    if plugin is None:
+        return None
+    if isinstance(plugin, types.ModuleType):
+        return plugin.__name__
+    cls = type(plugin)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def config_packages() -> list[str]:

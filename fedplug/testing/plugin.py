@@ -26,7 +26,8 @@ Fixtures
     a per-session dict for results that are expensive to compute (one
     training round shared by several detector checks).
 
-It also registers the ``slow`` marker the suites put on checks that train.
+It also registers the ``slow`` marker and puts it on the suites' checks that
+train more than once (run them or not with ``-m "not slow"``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ from fedplug.testing.data import SyntheticDetectionDataset, make_updates, sample
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: trains a model or runs a federation (seconds to minutes)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if getattr(getattr(item, "function", None), "_fedplug_slow", False):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

@@ -1,0 +1,77 @@
+"""fedplug's own plugins through the public contract suites (fedplug.testing).
+
+Every built-in plugin declared in fedplug's pyproject.toml is discovered from its
+entry point, so a plugin added there is covered without editing this file.
+Third-party plugins that happen to be installed are left to their own tests.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedplug import plugins
+from fedplug.testing import AggregatorContract, DetectorContract, ObserverContract, ResourcePolicyContract
+
+pytest_plugins = ["fedplug.testing.plugin"]
+
+torch.set_num_threads(1)
+
+# Server optimisers take their own step from the clients' mean, so "all clients agree on w"
+# does not give w; the suite checks the step's direction instead.
+SERVER_OPTIMISERS = {"fedadam", "fedyogi", "fedadagrad"}
+
+# Tiny variants so that the detector suite trains in seconds on the CPU.
+TINY_DETECTORS = {
+    "frcnn": {"backbone": "tiny", "min_size": 96, "max_size": 128},
+    "yolov3": {"variant": "tiny", "img_size": 96},
+}
+
+
+def builtin(role: str) -> list[str]:
+    return sorted(
+        name
+        for name, claimants in plugins.discover(role).items()
+        if any(info.package == "fedplug" for info, _ in claimants)
+    )
+
+
+def _ids(names: list[str]) -> list:
+    return names or [pytest.param("<none>", marks=pytest.mark.skip(reason="no built-in plugin of this role"))]
+
+
+@pytest.mark.parametrize("aggregator_name", _ids([n for n in builtin("aggregator") if n not in SERVER_OPTIMISERS]))
+class TestBuiltinAggregators(AggregatorContract):
+    pass
+
+
+@pytest.mark.parametrize("aggregator_name", _ids([n for n in builtin("aggregator") if n in SERVER_OPTIMISERS]))
+class TestBuiltinServerOptimisers(AggregatorContract):
+    consensus_is_fixed_point = False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("detector_name", _ids(builtin("detector")))
+class TestBuiltinDetectors(DetectorContract):
+    @pytest.fixture
+    def detector_config(self, detector_name):
+        from fedplug.testing.loading import default_config
+
+        return {**default_config("detector", detector_name), **TINY_DETECTORS.get(detector_name, {}), "seed": 0}
+
+
+@pytest.mark.parametrize("resource_policy_name", _ids(builtin("resource_policy")))
+class TestBuiltinResourcePolicies(ResourcePolicyContract):
+    pass
+
+
+@pytest.mark.parametrize("observer_name", _ids(builtin("observer")))
+class TestBuiltinObservers(ObserverContract):
+    pass
+
+
+def test_every_role_has_a_builtin_plugin_under_test():
+    # Guards against a discovery bug silently turning the suites above into skips.
+    for role in ("aggregator", "detector", "resource_policy"):
+        assert builtin(role), f"no built-in {role} found through entry points"
+    assert "fedavg" in builtin("aggregator")
