@@ -1,10 +1,11 @@
 """Meta-tests: the contract suites catch the defects they exist to catch.
 
-Each role's suite is run (with pytest's ``pytester``, in-process) over a correct
-reference plugin and over deliberately broken ones, registered as objects (no
-install).  A correct plugin must pass every check; each broken plugin must fail
-the check written for its defect.  One inner session per role runs all of that
-role's plugins; its outcomes are shared by the tests below.
+Each role's suite is run (with pytest's ``pytester``) over a correct reference
+plugin and over deliberately broken ones, registered as objects (no install).
+A correct plugin must pass every check; each broken plugin must fail the check
+written for its defect, and every check must catch at least one defect.  One
+inner session runs every suite over every toy plugin; its outcomes are shared
+by the tests below.
 """
 
 from __future__ import annotations
