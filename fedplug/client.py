@@ -82,6 +82,13 @@ class FederationClient:
         self.train_state: dict = {}
         self._register_handlers()
 
+    async def _send(self, event: str, payload: dict, wait: float = 120.0) -> None:
+        """Emit, waiting (bounded) for a reconnect first: an update trained during an outage is not lost."""
+        deadline = time.monotonic() + wait
+        while not self.sio.connected and time.monotonic() < deadline and not self.done.is_set():
+            await asyncio.sleep(0.2)
+        await self.sio.emit(event, payload)
+
     async def _offload(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
@@ -211,7 +218,7 @@ class FederationClient:
         async with self.work_lock:
             self.echo(f"[{self.client_id}] round {rnd}: training")
             answer = await self._offload(self._train, rnd, data["weights"], data.get("settings") or {})
-        await self.sio.emit(P.CLIENT_UPDATE, answer)
+        await self._send(P.CLIENT_UPDATE, answer)
 
     def _evaluate(self, rnd: int, weights: bytes) -> dict:
         try:
@@ -233,7 +240,7 @@ class FederationClient:
         rnd = int(data["round_number"])
         async with self.work_lock:
             answer = await self._offload(self._evaluate, rnd, data["weights"])
-        await self.sio.emit(P.CLIENT_EVAL, answer)
+        await self._send(P.CLIENT_EVAL, answer)
         self.echo(f"[{self.client_id}] round {rnd}: mAP@0.5 {answer['test_map']:.4f} on {answer['test_size']} images")
         if data.get("STOP"):
             self.done.set()
