@@ -174,3 +174,15 @@ def test_ready_timeout_fails_with_a_clear_message(tmp_path):
                       "server.ready_timeout_s=1")
     status, server, _ = _run(cfg, tmp_path, {"a": "good"})
     assert status == 1 and server.history == []
+
+
+def test_the_global_model_is_serialised_once_per_send_not_once_per_client(tmp_path, monkeypatch):
+    from fedplug import server as server_module
+
+    calls = []
+    real = server_module.encode_state
+    monkeypatch.setattr(server_module, "encode_state", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = compose_cfg("run.rounds=2", "run.min_clients=4", "run.clients_per_round=4", "run.num_clients=4")
+    status, server, _ = _run(cfg, tmp_path, {c: "good" for c in "abcd"})
+    assert status == 0
+    assert len(calls) == 2 * 2  # per round: one for request_update, one for stop_and_eval — for 4 clients
