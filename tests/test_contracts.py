@@ -23,8 +23,8 @@ SERVER_OPTIMISERS = {"fedadam", "fedyogi", "fedadagrad"}
 
 # Tiny variants so that the detector suite trains in seconds on the CPU.
 TINY_DETECTORS = {
-    "frcnn": {"backbone": "tiny", "min_size": 96, "max_size": 128},
-    "yolov3": {"variant": "tiny", "img_size": 96},
+    "frcnn": {"backbone": "tiny", "min_size": 96, "max_size": 96},
+    "yolov3": {"variant": "nano", "img_size": 96},
 }
 
 

@@ -64,14 +64,16 @@ class _PoisonedDataset(torch.utils.data.Dataset):
 class DetectorContract:
     """Checks every detector must pass; see the module docstring for use.
 
-    ``detector_image_size`` is ``(height, width)`` of the synthetic images;
-    ``proximal_steps`` the optimiser steps of each proximal-check run
-    (2 images × batch 1 × ``local_epochs``).
+    ``detector_image_size`` is ``(height, width)`` of the synthetic images.
+    The proximal check trains twice with plain SGD at ``proximal_lr`` for
+    ``proximal_epochs`` epochs of batch size 1 (4 steps on 2 images): once with
+    ``proximal_mu=0`` and once with ``proximal_mu=1/proximal_lr``.
     """
 
     detector_image_size: ClassVar[tuple[int, int]] = (80, 96)
     detector_num_images: ClassVar[int] = 2
     proximal_epochs: ClassVar[int] = 2
+    proximal_lr: ClassVar[float] = 1e-4
 
     # -- fixtures a subclass provides or overrides -------------------------
 
@@ -259,12 +261,14 @@ class DetectorContract:
 
     @slow
     def test_proximal_mu_is_honoured(self, train, detector_train_settings):
+        # Plain SGD with a small lr keeps training in its smooth regime, where successive
+        # gradients are alike; lr * mu = 1 then pulls the weights all the way back to the
+        # global ones at every step, so with mu they stay about one step away while without
+        # it they drift further every step.
         base = dataclasses.replace(
-            detector_train_settings, local_epochs=self.proximal_epochs, batch_size=1,
+            detector_train_settings, local_epochs=self.proximal_epochs, batch_size=1, lr=self.proximal_lr,
             momentum=0.0, weight_decay=0.0, max_grad_norm=0.0, optimizer="sgd", warmup_iters=0,
         )
-        # lr * mu = 1: each step pulls the weights all the way back towards the global ones,
-        # so with mu they stay one step away while without it they drift every step.
         mu = 1.0 / base.lr
         distances = {}
         for value in (0.0, mu):
