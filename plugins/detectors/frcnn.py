@@ -57,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "anchor_sizes": None,
     "aspect_ratios": None,
     "representation_size": None,
+    "roi_sampling_ratio": None,
     "rpn_batch_size_per_image": None,
     "rpn_pre_nms_top_n_train": None,
     "rpn_post_nms_top_n_train": None,
@@ -78,13 +79,14 @@ TINY_DEFAULTS: dict[str, Any] = {
     "anchor_sizes": [16, 32, 48],
     "aspect_ratios": [0.5, 1.0, 2.0],
     "representation_size": 128,
+    "roi_sampling_ratio": 1,  # one bilinear sample per 7x7 bin: RoIAlign backward dominated the CPU step
     "rpn_batch_size_per_image": 64,
     "rpn_pre_nms_top_n_train": 600,
     "rpn_post_nms_top_n_train": 300,
     "rpn_pre_nms_top_n_test": 300,
     "rpn_post_nms_top_n_test": 100,
     "rpn_fg_iou_thresh": 0.7,
-    "box_batch_size_per_image": 64,
+    "box_batch_size_per_image": 32,
     "box_score_thresh": 0.01,
     "box_nms_thresh": 0.5,
     "box_detections_per_img": 100,
@@ -97,7 +99,9 @@ _FASTERRCNN_KWARGS = (
     "rpn_fg_iou_thresh", "box_batch_size_per_image", "box_score_thresh", "box_nms_thresh",
     "box_detections_per_img",
 )
-_TINY_ONLY = ("tiny_channels", "tiny_blocks", "anchor_sizes", "aspect_ratios", "representation_size")
+_TINY_ONLY = (
+    "tiny_channels", "tiny_blocks", "anchor_sizes", "aspect_ratios", "representation_size", "roi_sampling_ratio",
+)
 
 _TORCHVISION_BUILDERS = {
     "mobilenet_v3_large_fpn": ("fasterrcnn_mobilenet_v3_large_fpn", "mobilenet_v3_large"),
@@ -136,7 +140,8 @@ def resolve_config(config: Mapping[str, Any]) -> dict[str, Any]:
             )
     for key in ("min_size", "max_size", "rpn_batch_size_per_image", "box_batch_size_per_image",
                 "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test",
-                "rpn_post_nms_top_n_test", "box_detections_per_img", "representation_size"):
+                "rpn_post_nms_top_n_test", "box_detections_per_img", "representation_size",
+                "roi_sampling_ratio"):
         if cfg[key] is not None and (not isinstance(cfg[key], int) or cfg[key] < 1):
             raise ValueError(f"model.{key} must be a positive integer, got {cfg[key]!r}")
     for key in ("box_score_thresh", "box_nms_thresh", "rpn_fg_iou_thresh"):
@@ -236,7 +241,7 @@ def _build_tiny(cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
         sizes=(tuple(float(s) for s in cfg["anchor_sizes"]),),
         aspect_ratios=(tuple(float(a) for a in cfg["aspect_ratios"]),),
     )
-    pool = MultiScaleRoIAlign(featmap_names=["0"], output_size=7, sampling_ratio=2)
+    pool = MultiScaleRoIAlign(featmap_names=["0"], output_size=7, sampling_ratio=int(cfg["roi_sampling_ratio"]))
     rep = int(cfg["representation_size"])
     box_head = TwoMLPHead(backbone.out_channels * 7 * 7, rep)
     kwargs = {k: cfg[k] for k in _FASTERRCNN_KWARGS if cfg[k] is not None}
