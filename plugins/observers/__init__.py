@@ -1,0 +1,1 @@
+"""Built-in observer plugins (entry-point group ``fedplug.observers``)."""
