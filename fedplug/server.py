@@ -364,6 +364,9 @@ class FederationServer:
                 stream.put(update)
             collector.settle(cid, {"accepted": True, "train_size": update.num_examples,
                                    "train_loss": update.train_loss, "seconds": msg.get("seconds")})
+            done = sum(1 for a in collector.values().values() if a.get("accepted"))
+            self.echo(f"    update {done}/{len(collector.expected)} from {cid}: {update.num_examples} images, "
+                      f"loss {update.train_loss:.4f}, {size / 1e6:.1f} MB")
         finally:
             collector.end_work()
 
