@@ -12,6 +12,7 @@ import torch
 
 from fedplug import plugins
 from fedplug.testing import AggregatorContract, DetectorContract, ObserverContract, ResourcePolicyContract
+from fedplug.testing.loading import default_config
 
 pytest_plugins = ["fedplug.testing.plugin"]
 
@@ -55,8 +56,6 @@ class TestBuiltinServerOptimisers(AggregatorContract):
 class TestBuiltinDetectors(DetectorContract):
     @pytest.fixture
     def detector_config(self, detector_name):
-        from fedplug.testing.loading import default_config
-
         return {**default_config("detector", detector_name), **TINY_DETECTORS.get(detector_name, {}), "seed": 0}
 
 

@@ -14,14 +14,12 @@ does::
     class TestMyAggregator(AggregatorContract):
         pass
 
-==========================  ===============================  =====================
-suite                       parametrize with                 override (optional)
-==========================  ===============================  =====================
-:class:`AggregatorContract`     ``aggregator_name``          ``aggregator_config``
-:class:`DetectorContract`       ``detector_name``            ``detector_config``
-:class:`ResourcePolicyContract` ``resource_policy_name``     ``resource_policy_config``
-:class:`ObserverContract`       ``observer_name``            ``observer_run_config``
-==========================  ===============================  =====================
+Suites, the name each is parametrized with, and the config fixture to override:
+
+* :class:`AggregatorContract` -- ``aggregator_name``, ``aggregator_config``
+* :class:`DetectorContract` -- ``detector_name``, ``detector_config`` (give a tiny variant)
+* :class:`ResourcePolicyContract` -- ``resource_policy_name``, ``resource_policy_config``
+* :class:`ObserverContract` -- ``observer_name``, ``observer_run_config``
 
 Each suite also has a ``<role>_plugin`` fixture: override it to return a
 plugin object (a module, class instance...) to check one that is not
