@@ -22,7 +22,8 @@ observer                  ``fedplug.observers``    ``fedplug_run_start`` ... ``f
 Exactly one plugin is registered per role (the one the config selects), so the
 role hooks are ``firstresult``: the selected plugin's answer is *the* answer.
 Every installed observer is registered (unless disabled in config) and each
-observer hook is called on all of them; their return values are ignored.
+observer hook is called on all of them; their return values are ignored, and
+an observer that raises is logged and skipped: it never ends a run.
 
 A plugin's own settings come from its config group (e.g. ``conf/aggregator/
 fedavg.yaml``) and reach it as the ``config`` argument: a plain ``dict`` with
@@ -167,7 +168,7 @@ def fedplug_evaluate(model: torch.nn.Module, dataset: Any, settings: EvalSetting
     """Evaluate the model on the client's local test split.
 
     Called by a client, in a worker thread, after ``stop_and_eval`` loaded the
-    aggregated weights; also called by the core's centralised evaluation.
+    aggregated weights into ``model``.
 
     :return: an :class:`~fedplug.types.EvalResult` with the test loss, the
         Pascal-VOC mAP@0.5 and recall, and the mergeable

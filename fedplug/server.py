@@ -205,7 +205,7 @@ class FederationServer:
                 slot.ready = False
                 slot.disconnected_at = time.monotonic()
                 self._ready_changed.set()
-                self.hook.fedplug_client_left(client_id=cid, reason="disconnected")
+                self._notify("fedplug_client_left", client_id=cid, reason="disconnected")
                 if not self._finished:
                     self.echo(f"  client {cid} disconnected")
                     asyncio.get_running_loop().create_task(self._give_up_later(cid, sid))
@@ -260,6 +260,14 @@ class FederationServer:
         if collector is not None:
             self.closed_collectors[event] = collector
 
+    def _notify(self, hook_name: str, **kwargs: Any) -> None:
+        """Call an observer hook on every observer; one that raises is logged, never fatal."""
+        for impl in getattr(self.hook, hook_name).get_hookimpls():
+            try:
+                impl.function(*[kwargs[name] for name in impl.argnames])
+            except Exception:
+                log.exception("observer %s failed in %s; the run goes on", impl.plugin_name, hook_name)
+
     def _parse(self, event: str, data: Any) -> dict:
         return P.parse(event, data)
 
@@ -312,7 +320,7 @@ class FederationServer:
         slot.ready, slot.num_train, slot.num_test = True, msg["num_train"], msg["num_test"]
         self.events.write(P.CLIENT_READY, "in", None, cid, num_train=slot.num_train, num_test=slot.num_test)
         self.echo(f"  client {cid} ready ({slot.num_train} train / {slot.num_test} test images)")
-        self.hook.fedplug_client_joined(client_id=cid, info={"num_train": slot.num_train,
+        self._notify("fedplug_client_joined", client_id=cid, info={"num_train": slot.num_train,
                                                              "num_test": slot.num_test, **slot.info})
         self._ready_changed.set()
 
@@ -442,7 +450,7 @@ class FederationServer:
     async def run_federation(self) -> int:
         """Run every round; return the process exit status (0 on success)."""
         rounds = int(self.run_cfg.rounds)
-        self.hook.fedplug_run_start(config=_plain(self.cfg), run_dir=self.run_dir)
+        self._notify("fedplug_run_start", config=_plain(self.cfg), run_dir=self.run_dir)
         reason = "completed"
         status = 0
         try:
@@ -479,7 +487,7 @@ class FederationServer:
             for cid in list(self.clients):
                 await self._emit(P.RUN_FINISHED, cid, {"round_number": self.round_number, "reason": reason,
                                                       "best_round": self.best.get("round")})
-            self.hook.fedplug_run_end(rounds=list(self.history), best_round=self.best.get("round"),
+            self._notify("fedplug_run_end", rounds=list(self.history), best_round=self.best.get("round"),
                                       reason=reason)
         self.echo("")
         self.echo(format_table(self.history, self.best.get("round")))
@@ -530,7 +538,7 @@ class FederationServer:
         aggregation = asyncio.get_running_loop().run_in_executor(
             self.pool, self._aggregate, round_start_weights, stream, rnd, work_state)
         self.phase = f"round {rnd}: training"
-        self.hook.fedplug_round_start(round_number=rnd, client_ids=list(selected))
+        self._notify("fedplug_round_start", round_number=rnd, client_ids=list(selected))
         for cid in selected:
             await self._emit(P.REQUEST_UPDATE, cid, {
                 "round_number": rnd, "model_id": str(self.model_cfg.get("name")),
@@ -669,7 +677,7 @@ class FederationServer:
             self.best = {"round": record.round_number, "map50": record.map50, "test_loss": record.test_loss}
             self.outputs.save_checkpoint("best", self.global_weights, meta)
         self.outputs.save_resume_point(record.round_number, self.aggregator_state, self.history, self.best)
-        self.hook.fedplug_round_end(record=record, global_weights=self.global_weights,
+        self._notify("fedplug_round_end", record=record, global_weights=self.global_weights,
                                     previous_weights=self.round_start_weights)
 
     def _print_round(self, r: RoundRecord) -> None:
