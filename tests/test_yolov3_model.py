@@ -322,6 +322,20 @@ def test_train_mode_contract_and_target_errors():
         model(images[:1], [{"boxes": torch.tensor([[5.0, 1.0, 5.0, 5.0]]), "labels": torch.tensor([1])}])
 
 
+def test_losses_and_detections_come_from_one_eval_mode_pass():
+    model = build_yolov3({"conf_threshold": 0.0, "max_detections": 10}, 3).eval()
+    images = [torch.rand(3, 128, 96)]
+    targets = [{"boxes": torch.tensor([[5.0, 5.0, 30.0, 40.0]]), "labels": torch.tensor([2])}]
+    with torch.no_grad():
+        losses, dets = model.losses_and_detections(images, targets)
+        plain = model(images)
+        raw = model.body(letterbox(images, 128)[0])
+        expected = model.loss(raw, model._targets_on_input(targets, letterbox(images, 128)[1]), 1)
+    assert torch.equal(dets[0]["boxes"], plain[0]["boxes"]) and torch.equal(dets[0]["scores"], plain[0]["scores"])
+    assert all(torch.allclose(losses[k], expected[k]) for k in expected)
+    assert not model.training
+
+
 def test_yolov3_is_a_module_of_the_right_class():
     model = plugin.fedplug_build_model(config={"name": "yolov3", "variant": "tiny", "img_size": 64}, class_names=["x"])
     assert isinstance(model, YOLOv3) and model.settings.variant == "tiny"

@@ -69,16 +69,18 @@ def yolo_loss(
     anchors = anchors.to(device=device, dtype=torch.float32)
     targets = targets.to(device=device, dtype=torch.float32)
 
+    num_targets = len(targets)
     img_idx = targets[:, 0].long()
     cls = targets[:, 1].long()
     xyxy = targets[:, 2:6]
     cxcy = (xyxy[:, :2] + xyxy[:, 2:]) / 2
     wh = (xyxy[:, 2:] - xyxy[:, :2]).clamp(min=1e-6)
-    best_anchor = _shape_iou(wh, anchors).argmax(1) if len(targets) else img_idx
+    # The one anchor (index into all anchors) responsible for each ground truth.
+    best_anchor = _shape_iou(wh, anchors).argmax(1) if num_targets else img_idx
 
-    # Ground truths per image, padded, for the ignore mask.
-    counts = torch.bincount(img_idx, minlength=batch_size) if len(targets) else None
-    max_gt = int(counts.max()) if counts is not None else 0
+    # Ground truths per image, zero-padded (a zero box overlaps nothing), for the ignore mask.
+    counts = torch.bincount(img_idx, minlength=batch_size)
+    max_gt = int(counts.max()) if num_targets else 0
     gt_padded = torch.zeros(batch_size, max(max_gt, 1), 4, device=device)
     if max_gt:
         order = torch.argsort(img_idx, stable=True)
@@ -101,9 +103,8 @@ def yolo_loss(
                 ignore = torch.zeros(b, a, h, w, dtype=torch.bool, device=device)
 
         obj_target = torch.zeros(b, a, h, w, device=device)
-        mask_t = torch.tensor(mask, device=device)
-        here = (best_anchor[:, None] == mask_t[None, :]) if len(targets) else None
-        if here is not None and here.any():
+        here = best_anchor[:, None] == torch.tensor(mask, device=device)[None, :]  # [N, A]
+        if here.any():
             t_idx, a_idx = here.nonzero(as_tuple=True)
             bi = img_idx[t_idx]
             gxy = cxcy[t_idx] / stride

@@ -140,9 +140,11 @@ class YOLOv3(nn.Module):
                     f"target {i}: labels must be within 1..{k} (0 is background), "
                     f"got {sorted(set(labels.tolist()))}"
                 )
-            if boxes.numel() and not bool(((boxes[:, 2:] > boxes[:, :2]).all())):
+            bad = ~(boxes[:, 2:] > boxes[:, :2]).all(1)
+            if bad.any():
                 raise ValueError(
-                    f"target {i}: every box needs x2 > x1 and y2 > y1 (xyxy pixels), got {boxes.tolist()}"
+                    f"target {i}: every box needs x2 > x1 and y2 > y1 (xyxy pixels), got "
+                    f"{boxes[bad][:3].tolist()}"
                 )
             on_input = boxes_to_input(boxes.to(self.anchors.device), place)
             idx = torch.full((len(boxes), 1), float(i), device=on_input.device)
