@@ -186,7 +186,7 @@ class TinyBody(nn.Module):
     after it (1024 in tiny); ``neck`` the 1x1 reduction (256); ``lateral`` the
     1x1 before upsampling (128).  The route to the fine scale taps the
     second-to-last backbone conv.  tiny: widths (16, 32, 64, 128, 256, 512) ->
-    strides 32/16; nano: (8, 16, 32, 64, 128) -> strides 16/8.
+    strides 32/16; nano: (16, 32, 64, 128, 256) -> strides 16/8.
     """
 
     def __init__(
