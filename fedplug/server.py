@@ -527,6 +527,7 @@ class FederationServer:
         extra = self.hook.fedplug_aggregator_round_settings(round_number=rnd, config=self.aggregator_cfg)
         settings.update(dict(extra or {}))
         settings["seed"] = int(self.run_cfg.seed) * 100003 + rnd
+        settings.setdefault("total_rounds", rounds)  # lets a client's lr schedule span the whole run
         self.round_start_weights = round_start_weights = self.global_weights
         payload_bytes = await self._offload(encode_state, round_start_weights)  # once per round
         self.echo(f"  training on {len(selected)} client(s): {', '.join(selected)}")
