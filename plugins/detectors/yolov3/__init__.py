@@ -26,8 +26,8 @@ from typing import Any, Mapping, Sequence
 from torch import nn
 
 from fedplug.hooks import hookimpl
-from fedplug.types import EvalResult, EvalSettings, TrainResult, TrainSettings
-from fedplug_plugins.detectors import engine
+# training and evaluation are the shared engine's: this module re-exports its hooks
+from fedplug_plugins.detectors.engine_hooks import fedplug_evaluate, fedplug_train_round  # noqa: F401
 
 from .model import YOLOv3, build_yolov3
 
@@ -46,16 +46,3 @@ def fedplug_build_model(config: Mapping[str, Any], class_names: Sequence[str]) -
     model.class_names = names
     return model
 
-
-@hookimpl
-def fedplug_train_round(
-    model: nn.Module, dataset: Any, settings: TrainSettings, global_weights: dict, state: dict
-) -> TrainResult:
-    """One round of local training on the client's data (client worker thread)."""
-    return engine.train_one_round(model, dataset, settings, global_weights, state)
-
-
-@hookimpl
-def fedplug_evaluate(model: nn.Module, dataset: Any, settings: EvalSettings) -> EvalResult:
-    """Evaluation on the client's test split (client worker thread): test loss, mAP@0.5, recall."""
-    return engine.evaluate(model, dataset, settings)
