@@ -103,6 +103,7 @@ class ScriptedClient:
         self.errors: list[dict] = []
         self.received: list[str] = []
         self.finished = asyncio.Event()
+        self.reconnected = False
         sio = self.sio
 
         @sio.event
@@ -117,7 +118,8 @@ class ScriptedClient:
         @sio.on(P.CHECK_CLIENT_RESOURCE)
         async def check(data):
             self.received.append(P.CHECK_CLIENT_RESOURCE)
-            await sio.emit(P.CHECK_CLIENT_RESOURCE_DONE, {"round_number": data["round_number"], "load_rate": 0.1})
+            load = 0.95 if self.behaviour == "busy" else 0.1
+            await sio.emit(P.CHECK_CLIENT_RESOURCE_DONE, {"round_number": data["round_number"], "load_rate": load})
 
         @sio.on(P.REQUEST_UPDATE)
         async def request_update(data):
@@ -161,6 +163,11 @@ class ScriptedClient:
         if b == "die":
             await self.sio.disconnect()
             return
+        if b == "reconnect" and not self.reconnected:
+            # drop the connection mid-round, come back with the same client_id, then answer
+            self.reconnected = True
+            await self.sio.disconnect()
+            await self.sio.connect(self.url, transports=["websocket"])
         if b == "fail":
             await self.sio.emit(P.CLIENT_UPDATE, {"round_number": rnd, "ok": False, "train_size": 0,
                                                   "train_loss": 0.0, "reason": "non-finite loss nan"})

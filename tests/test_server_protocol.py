@@ -186,3 +186,35 @@ def test_the_global_model_is_serialised_once_per_send_not_once_per_client(tmp_pa
     status, server, _ = _run(cfg, tmp_path, {c: "good" for c in "abcd"})
     assert status == 0
     assert len(calls) == 2 * 2  # per round: one for request_update, one for stop_and_eval — for 4 clients
+
+
+def test_a_client_that_reconnects_mid_round_keeps_its_identity_and_its_update_counts(tmp_path):
+    cfg = compose_cfg("run.rounds=2", "run.min_clients=2", "run.clients_per_round=2", "run.num_clients=2",
+                      "server.reconnect_grace_s=5")
+    status, server, clients = _run(cfg, tmp_path, {"a": "good", "b": "reconnect"})
+    assert status == 0 and clients["b"].reconnected
+    assert [r.participants for r in server.history] == [("a", "b"), ("a", "b")]
+    events = read_events(tmp_path / "events.jsonl")
+    assert sum(1 for e in events if e["event"] == "client_wake_up" and e["client_id"] == "b") == 2
+    assert list(server.clients) == ["a", "b"]  # one slot per client id, not per socket
+
+
+@pytest.mark.parametrize("outcome", ["fail", "proceed"])
+def test_a_resource_check_that_never_passes_backs_off_then_ends_clearly(tmp_path, outcome):
+    import time
+
+    cfg = compose_cfg("run.rounds=1", "run.min_clients=2", "run.clients_per_round=2", "run.num_clients=2",
+                      "resource_policy=cpu_load", "server.resource_max_attempts=2",
+                      f"server.on_resource_exhausted={outcome}", "server.round_retries=0")
+    plugins = toy_plugins(policy="cpu_load")
+    t0 = time.monotonic()
+    status, server, _ = _run(cfg, tmp_path, {"a": "busy", "b": "busy"}, plugins=plugins)
+    elapsed = time.monotonic() - t0
+    events = read_events(tmp_path / "events.jsonl")
+    checks = [e for e in events if e["event"] == "check_client_resource"]
+    assert len(checks) == 2 * 2  # two attempts, two clients, with a back-off between them
+    assert elapsed >= 1.0
+    if outcome == "fail":
+        assert status == 1 and server.history == []
+    else:
+        assert status == 0 and server.history[0].participants == ("a", "b")
