@@ -206,7 +206,7 @@ class FederationServer:
                 slot.disconnected_at = time.monotonic()
                 self._ready_changed.set()
                 self._notify("fedplug_client_left", client_id=cid, reason="disconnected")
-                if not self._finished:
+                if not (self._finished or self._stop_sent):
                     self.echo(f"  client {cid} disconnected")
                     asyncio.get_running_loop().create_task(self._give_up_later(cid, sid))
 
@@ -427,6 +427,7 @@ class FederationServer:
         self._ready_changed.set()
 
     _abort_reason: str | None = None
+    _stop_sent = False
 
     def ready_clients(self) -> list[str]:
         return sorted(cid for cid, s in self.clients.items() if s.ready and s.sid is not None)
@@ -629,6 +630,7 @@ class FederationServer:
         payload_bytes = await self._offload(encode_state, self.global_weights)
         collector = PhaseCollector(P.CLIENT_EVAL, rnd, set(evaluators))
         self.collectors[P.CLIENT_EVAL] = collector
+        self._stop_sent = stop  # clients leave after answering a STOP: their disconnects are expected
         for cid in evaluators:
             await self._emit(P.STOP_AND_EVAL, cid, {"round_number": rnd, "weights": payload_bytes, "STOP": stop})
         await collector.wait(float(self.server_cfg.eval_timeout_s))

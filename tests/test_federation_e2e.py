@@ -49,9 +49,10 @@ def _assert_protocol_order(events, client_id, rounds):
     assert stops == [False] * (rounds - 1) + [True]  # the last round tells the client to stop
 
 
-def test_embedded_default_runs_a_real_federation(tmp_path):
+def test_embedded_default_runs_a_real_federation_that_learns(tmp_path):
+    """The README's first command, exactly: no overrides but where to write."""
     run_dir = tmp_path / "run"
-    proc = _fedplug("run.rounds=2", *TINY, f"hydra.run.dir={run_dir}", tmp_path=tmp_path)
+    proc = _fedplug(f"hydra.run.dir={run_dir}", tmp_path=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "round  train_loss  test_loss  mAP@0.5  recall  clients  time_s" in out
@@ -59,14 +60,17 @@ def test_embedded_default_runs_a_real_federation(tmp_path):
     events = read_events(run_dir / "events.jsonl")
     clients = sorted({e["client_id"] for e in events if e["event"] == "client_ready"})
     assert len(clients) == 3
+    rounds = 6  # conf/config.yaml run.rounds
     for cid in clients:
-        _assert_protocol_order(events, cid, rounds=2)
+        _assert_protocol_order(events, cid, rounds=rounds)
     rows = (run_dir / "metrics.csv").read_text().strip().splitlines()
-    assert len(rows) == 1 + 2 and rows[0].startswith("round,")
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round_number"] for r in lines] == [1, 2]
-    assert all(0.0 <= r["map50"] <= 1.0 and r["extra"]["map_exact"] == 1.0 for r in lines)
-    assert (run_dir / "config.yaml").exists()
+    assert len(rows) == 1 + rounds and rows[0].startswith("round,")
+    history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round_number"] for r in history] == list(range(1, rounds + 1))
+    assert all(r["extra"]["map_exact"] == 1.0 and len(r["participants"]) == 3 for r in history)
+    maps = [r["map50"] for r in history]
+    assert maps[-1] >= 0.6 and maps[-1] > maps[0] + 0.2, maps  # the issue's bar: >= 0.6, clearly above round 1
+    assert (run_dir / "config.yaml").exists() and (run_dir / "plots" / "metrics.png").exists()
     assert (run_dir / "checkpoints" / "last.safetensors").exists()
     assert (run_dir / "checkpoints" / "best.safetensors").exists()
     assert "exited with status" not in out and "client exit codes" not in proc.stderr
