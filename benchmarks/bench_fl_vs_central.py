@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import importlib.resources
 import math
 import os
 import shlex
@@ -126,30 +125,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- configuration
 
 
-def _conf_yaml(*parts: str) -> dict:
-    import yaml
+def compose_config(args: argparse.Namespace) -> dict:
+    """The config ``python -m fedplug model=<model> aggregator=<aggregator>`` composes, resolved, as a dict.
 
-    text = importlib.resources.files("fedplug.conf").joinpath(*parts).read_text(encoding="utf-8")
-    return yaml.safe_load(text) or {}
-
-
-def model_and_train_config(args: argparse.Namespace) -> tuple[dict, dict]:
-    """The ``model`` group and the ``train`` block exactly as ``python -m fedplug model=<model>`` gets them.
-
-    conf/config.yaml's ``train`` defaults, updated by conf/model/<model>.yaml's
-    ``train`` block (that is Hydra's merge order there), then the flags.
+    Hydra's compose API over the packaged ``fedplug.conf``, with ``run.seed``
+    and ``run.rounds`` set to the benchmark's (a run-wide lr schedule such as
+    YOLOv3's cosine spans ``run.rounds``), then the flags.
     """
-    model_file = _conf_yaml("model", f"{args.model}.yaml")
-    model_cfg = dict(model_file["model"])
-    model_cfg["seed"] = args.seed  # the yaml says ${run.seed}
-    train = dict(_conf_yaml("config.yaml")["train"])
-    train.update(model_file.get("train") or {})
-    train["local_epochs"] = args.local_epochs
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    overrides = [f"model={args.model}", f"aggregator={args.aggregator}", "data=synthetic",
+                 f"run.seed={args.seed}", f"run.rounds={args.rounds}", f"train.local_epochs={args.local_epochs}"]
     if args.lr is not None:
-        train["lr"] = args.lr
+        overrides.append(f"train.lr={args.lr}")
     if args.batch_size is not None:
-        train["batch_size"] = args.batch_size
-    return model_cfg, train
+        overrides.append(f"train.batch_size={args.batch_size}")
+    with initialize_config_module(config_module="fedplug.conf", version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def train_settings(train: Mapping[str, Any], device: str):
@@ -181,7 +175,7 @@ class Pool:
     test: list
 
 
-def make_pool(args: argparse.Namespace) -> Pool:
+def make_pool(args: argparse.Namespace, augment: Mapping | None) -> Pool:
     from fedplug.data import generate_synthetic_federation, open_client_data
 
     folders = generate_synthetic_federation(
@@ -189,7 +183,6 @@ def make_pool(args: argparse.Namespace) -> Pool:
         test_per_client=args.test_per_camera, image_size=args.image_size, seed=args.seed,
         classes=CLASSES, class_skew=args.class_skew,
     )
-    augment = None if args.no_augment else _conf_yaml("data", "synthetic.yaml").get("augment")
     opened = [open_client_data({"format": "voc", "path": str(f)}, CLASSES, augment) for f in folders]
     return Pool(train=[d.train for d in opened], test=[d.test for d in opened])
 
@@ -265,7 +258,7 @@ def run_central(hook, build, pool: Pool, settings, eval_settings, rounds: int, l
     for r in range(1, rounds + 1):
         res = hook.fedplug_train_round(
             model=model, dataset=union, settings=dataclasses.replace(central, round_number=r),
-            global_weights=_clone_state(model), state=state,
+            global_weights={}, state=state,  # no proximal term: nothing to stay close to
         )
         if not res.ok:
             raise RuntimeError(f"central, round {r}: training failed: {res.reason}")
@@ -279,7 +272,7 @@ def run_central(hook, build, pool: Pool, settings, eval_settings, rounds: int, l
 def run_federated(hook, agg_hook, agg_cfg: Mapping, build, pool: Pool, groups: Sequence[Sequence[int]],
                   settings, eval_settings, rounds: int, seed: int, label: str, log: Callable) -> list[dict]:
     """FedAvg (or ``--aggregator``) over ``len(groups)`` clients, trained one after another in this process."""
-    from fedplug.types import ClientUpdate
+    from fedplug.types import ClientUpdate, EmptyRoundError
 
     model = build()
     client_train = [concat([pool.train[c] for c in cams]) for cams in groups]
@@ -314,8 +307,12 @@ def run_federated(hook, agg_hook, agg_cfg: Mapping, build, pool: Pool, groups: S
                 yield ClientUpdate(client_id=f"client_{k}", round_number=r, weights=res.weights,
                                    num_examples=res.num_examples, train_loss=res.train_loss)
 
-        global_w = agg_hook.fedplug_aggregate(global_weights=global_w, updates=updates(), round_number=r,
-                                              config=agg_cfg, state=agg_state)
+        try:
+            global_w = agg_hook.fedplug_aggregate(global_weights=global_w, updates=updates(), round_number=r,
+                                                  config=agg_cfg, state=agg_state)
+        except EmptyRoundError:
+            raise RuntimeError(f"{label} round {r}: every client's training failed (see above); "
+                               "try a lower --lr") from None
         model.load_state_dict(global_w)
         ev = evaluate_global(hook, model, client_test, eval_settings)
         n = sum(record["sizes"])
@@ -405,14 +402,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     log("simulated federation: one process, clients trained sequentially on the same "
         f"{args.threads} torch thread(s); wall times are not a deployment's, the mAP figures are what matters")
 
-    model_cfg, train_cfg = model_and_train_config(args)
-    settings = train_settings(train_cfg, args.device)
+    cfg = compose_config(args)
+    model_cfg, agg_cfg = cfg["model"], cfg["aggregator"]
+    augment = None if args.no_augment else cfg["data"].get("augment")
+    settings = train_settings(cfg["train"], args.device)
     eval_settings = EvalSettings(batch_size=8, device=settings.device)
     hook = activate({"detector": args.model}, observers=False).hook
     agg_hook = activate({"aggregator": args.aggregator}, observers=False).hook
-    agg_cfg = _conf_yaml("aggregator", f"{args.aggregator}.yaml")
 
-    pool = make_pool(args)
+    pool = make_pool(args, augment)
     n_train = sum(len(d) for d in pool.train)
     n_test = sum(len(d) for d in pool.test)
     log(f"data: {args.cameras} cameras x ({args.train_per_camera} train + {args.test_per_camera} test) "
@@ -421,8 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"model: {args.model} " + ", ".join(f"{k}={v}" for k, v in model_cfg.items() if v is not None))
     log(f"training: {args.rounds} rounds x {args.local_epochs} local epoch(s); optimizer {settings.optimizer} "
         f"lr {settings.lr} batch {settings.batch_size} weight decay {settings.weight_decay} "
-        f"warm-up {settings.warmup_iters} steps/round; augmentation "
-        f"{'off' if args.no_augment else _conf_yaml('data', 'synthetic.yaml').get('augment')}; "
+        f"schedule {settings.lr_schedule} {dict(settings.extra) or ''} warm-up {settings.warmup_iters} steps; "
+        f"augmentation {augment or 'off'}; "
         f"clients reset the optimiser each round (keep_optimizer_state={settings.keep_optimizer_state}), "
         "central keeps it")
 
