@@ -45,7 +45,8 @@ times are not a deployment's.
 Outputs (``--out-dir``): ``fl_vs_central_<model>.csv`` (one row per setting and
 round), ``fl_vs_central_<model>.png`` (mAP@0.5, recall and test loss per round;
 needs matplotlib, otherwise skipped with a message) and
-``fl_vs_central_<model>.txt`` (the printed summary, with the command line).
+``fl_vs_central_<model>.txt`` (the printed summary, with the command line);
+``--tag`` adds a suffix to those names.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="where the synthetic images go (default: $FEDPLUG_CACHE or ~/.cache/fedplug, "
                    "subfolder bench_fl_vs_central/<parameters>)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where the CSV/PNG/TXT go")
+    p.add_argument("--tag", default="", help="suffix of the output names: fl_vs_central_<model>_<tag>.*")
     p.add_argument("--smoke", action="store_true",
                    help="tiny run to test the script: 1 round, 2 train + 1 test images per camera")
     args = p.parse_args(argv)
@@ -457,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              epochs_over_data=row["round"] * args.local_epochs))
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"fl_vs_central_{args.model}"
+    stem = args.out_dir / (f"fl_vs_central_{args.model}" + (f"_{args.tag}" if args.tag else ""))
     write_csv(stem.with_suffix(".csv"), rows)
     title = (f"{args.model}: central vs {args.aggregator} ({', '.join(str(n) for n in args.clients)} clients), "
              f"{args.cameras} cameras x {args.train_per_camera} imgs, skew {args.class_skew}, "
