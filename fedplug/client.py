@@ -24,7 +24,7 @@ import socketio
 import torch
 
 from fedplug import protocol as P
-from fedplug.plugins import PluginError, activate
+from fedplug.plugins import activate
 from fedplug.types import EvalSettings, TrainSettings
 from fedplug.wire import WireError, decode_checked, encode_state, spec_of
 
@@ -172,8 +172,9 @@ class FederationClient:
         async with self.work_lock:
             try:
                 num_train, num_test = await self._offload(self._setup, data)
-            except (PluginError, FileNotFoundError, ValueError, KeyError) as exc:
-                self.echo(f"[{self.client_id}] cannot take part: {exc}")
+            except Exception as exc:  # a missing plugin, dataset or weights file: say which, and leave
+                log.exception("setup failed")
+                self.echo(f"[{self.client_id}] cannot take part: {type(exc).__name__}: {exc}")
                 self.exit_status = 2
                 self.done.set()
                 return

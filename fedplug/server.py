@@ -110,7 +110,10 @@ class FederationServer:
         self.model_cfg = _plain(cfg.model)
         self.aggregator_cfg = _plain(cfg.aggregator)
         self.policy_cfg = _plain(cfg.resource_policy)
-        model = self.hook.fedplug_build_model(config=self.model_cfg, class_names=self.class_names)
+        try:
+            model = self.hook.fedplug_build_model(config=self.model_cfg, class_names=self.class_names)
+        except Exception as exc:  # e.g. pretrained weights asked for but not on this machine
+            raise RunFailed(f"detector {self.model_cfg.get('name')!r} could not be built: {exc}") from None
         if model is None:
             raise RunFailed(f"detector {self.model_cfg.get('name')!r} built no model")
         self.global_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}

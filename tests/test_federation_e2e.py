@@ -30,6 +30,7 @@ def _env(tmp_path):
     env = dict(os.environ)
     env["FEDPLUG_CACHE"] = str(tmp_path / "cache")
     env["PYTHONUNBUFFERED"] = "1"
+    env["TORCH_HOME"] = str(tmp_path / "torch-hub")  # no cached pretrained weights: runs stay offline and fresh
     return env
 
 
@@ -161,3 +162,10 @@ def test_fedplug_console_command_and_python_m_are_the_same_program(tmp_path):
     a = subprocess.run([str(exe), "plugins"], capture_output=True, text=True, timeout=60).stdout
     b = _fedplug("plugins", tmp_path=tmp_path, timeout=60).stdout
     assert a == b and "frcnn" in a
+
+
+def test_pretrained_weights_that_are_not_on_this_machine_stop_the_run_at_start_up(tmp_path):
+    proc = _fedplug("model.weights=DEFAULT", "model.backbone=mobilenet_v3_large_320_fpn", "run.rounds=1", *TINY,
+                    tmp_path=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "could not be built" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
