@@ -218,3 +218,30 @@ def test_a_resource_check_that_never_passes_backs_off_then_ends_clearly(tmp_path
         assert status == 1 and server.history == []
     else:
         assert status == 0 and server.history[0].participants == ("a", "b")
+
+
+def test_status_api_reports_phase_clients_and_history(tmp_path):
+    import aiohttp
+
+    from fedplug.server import FederationServer
+    from scripted import ScriptedClient
+
+    async def go():
+        cfg = compose_cfg("run.rounds=1", "run.min_clients=1", "run.clients_per_round=1", "run.num_clients=1")
+        server = FederationServer(cfg, toy_plugins(), ("a", "b", "c"), tmp_path, echo=lambda *a: None)
+        port = await server.start()
+        client = ScriptedClient(f"http://127.0.0.1:{port}", "site", "good")
+        await client.start()
+        try:
+            status = await asyncio.wait_for(server.run_federation(), 30)
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"http://127.0.0.1:{port}/status") as resp:
+                    return status, resp.status, await resp.json()
+        finally:
+            await client.close()
+            await server.stop()
+
+    status, http_status, body = asyncio.run(go())
+    assert status == 0 and http_status == 200
+    assert body["phase"] == "finished" and body["rounds"] == 1 and "site" in body["clients"]
+    assert [h["round"] for h in body["history"]] == [1] and body["history"][0]["map50"] == 1.0
