@@ -34,7 +34,7 @@ from fedplug.collect import PhaseCollector, UpdateStream
 from fedplug.outputs import EventLog, RunOutputs, format_table, load_resume_point
 from fedplug.plugins import ActivePlugins
 from fedplug.types import ClientUpdate, DetectionStats, EmptyRoundError, ResourceReport, RoundRecord
-from fedplug.wire import WireError, decode_checked, encode_state, spec_of
+from fedplug.wire import WireError, check_against_spec, decode_checked, encode_state, spec_of
 
 log = logging.getLogger("fedplug.server")
 
@@ -105,6 +105,8 @@ class FederationServer:
         self.aggregator_state: dict = {}
         self._ready_changed = asyncio.Event()
         self._finished = False
+        self._abort_reason: str | None = None
+        self._stop_sent = False  # the last stop_and_eval went out: clients' disconnects are expected
         self.rng = random.Random(int(self.run_cfg.seed))
 
         self.model_cfg = _plain(cfg.model)
@@ -129,8 +131,6 @@ class FederationServer:
 
     def _resume(self, previous: Path) -> None:
         last_round, weights, state, history, best = load_resume_point(previous)
-        from fedplug.wire import check_against_spec
-
         check_against_spec(weights, self.spec)
         self.global_weights = weights
         self.aggregator_state = state
@@ -271,12 +271,9 @@ class FederationServer:
             except Exception:
                 log.exception("observer %s failed in %s; the run goes on", impl.plugin_name, hook_name)
 
-    def _parse(self, event: str, data: Any) -> dict:
-        return P.parse(event, data)
-
     async def _on_wake_up(self, sid: str, data: Any) -> None:
         try:
-            msg = self._parse(P.CLIENT_WAKE_UP, data)
+            msg = P.parse(P.CLIENT_WAKE_UP, data)
         except P.ProtocolError as exc:
             return await self._reject(sid, P.CLIENT_WAKE_UP, str(exc))
         cid = msg["client_id"]
@@ -314,7 +311,7 @@ class FederationServer:
         if cid is None:
             return await self._reject(sid, P.CLIENT_READY, "send client_wake_up first")
         try:
-            msg = self._parse(P.CLIENT_READY, data)
+            msg = P.parse(P.CLIENT_READY, data)
         except P.ProtocolError as exc:
             return await self._reject(sid, P.CLIENT_READY, str(exc), cid)
         if msg["client_id"] != cid:
@@ -330,7 +327,7 @@ class FederationServer:
     async def _on_resource_done(self, sid: str, data: Any) -> None:
         cid = self._client_of(sid)
         try:
-            msg = self._parse(P.CHECK_CLIENT_RESOURCE_DONE, data)
+            msg = P.parse(P.CHECK_CLIENT_RESOURCE_DONE, data)
         except P.ProtocolError as exc:
             return await self._reject(sid, P.CHECK_CLIENT_RESOURCE_DONE, str(exc), cid)
         self.events.write(P.CHECK_CLIENT_RESOURCE_DONE, "in", msg["round_number"], cid, load=msg["load_rate"])
@@ -344,7 +341,7 @@ class FederationServer:
     async def _on_update(self, sid: str, data: Any) -> None:
         cid = self._client_of(sid)
         try:
-            msg = self._parse(P.CLIENT_UPDATE, data)
+            msg = P.parse(P.CLIENT_UPDATE, data)
         except P.ProtocolError as exc:
             return await self._reject(sid, P.CLIENT_UPDATE, str(exc), cid)
         rnd = msg["round_number"]
@@ -384,7 +381,7 @@ class FederationServer:
     async def _on_eval(self, sid: str, data: Any) -> None:
         cid = self._client_of(sid)
         try:
-            msg = self._parse(P.CLIENT_EVAL, data)
+            msg = P.parse(P.CLIENT_EVAL, data)
             stats = None
             if msg["ok"] and msg.get("stats") is not None:
                 stats = DetectionStats.from_json(msg["stats"])
@@ -429,8 +426,6 @@ class FederationServer:
         self._abort_reason = reason
         self._ready_changed.set()
 
-    _abort_reason: str | None = None
-    _stop_sent = False
 
     def ready_clients(self) -> list[str]:
         return sorted(cid for cid, s in self.clients.items() if s.ready and s.sid is not None)
@@ -589,8 +584,6 @@ class FederationServer:
         if result is None:
             return None, f"aggregator {self.aggregator_cfg.get('name')!r} returned nothing"
         try:
-            from fedplug.wire import check_against_spec
-
             check_against_spec(result, self.spec)
         except WireError as exc:
             return None, f"aggregator {self.aggregator_cfg.get('name')!r} returned an invalid model: {exc}"
@@ -633,7 +626,7 @@ class FederationServer:
         payload_bytes = await self._offload(encode_state, self.global_weights)
         collector = PhaseCollector(P.CLIENT_EVAL, rnd, set(evaluators))
         self.collectors[P.CLIENT_EVAL] = collector
-        self._stop_sent = stop  # clients leave after answering a STOP: their disconnects are expected
+        self._stop_sent = stop
         for cid in evaluators:
             await self._emit(P.STOP_AND_EVAL, cid, {"round_number": rnd, "weights": payload_bytes, "STOP": stop})
         await collector.wait(float(self.server_cfg.eval_timeout_s))
