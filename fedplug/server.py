@@ -194,7 +194,10 @@ class FederationServer:
 
         @sio.event
         async def connect(sid, environ, auth=None):
-            self.events.write("connect", "in", None, None, sid=sid)
+            # engine.io's aiohttp driver fills REMOTE_ADDR with a constant; the request knows the peer
+            request = environ.get("aiohttp.request")
+            remote = getattr(request, "remote", None) or environ.get("REMOTE_ADDR")
+            self.events.write("connect", "in", None, None, sid=sid, remote=remote)
 
         @sio.event
         async def disconnect(sid, *args):

@@ -1,0 +1,91 @@
+"""mode=server and mode=client on two "hosts": Linux network namespaces joined by a veth pair.
+
+The server listens on 0.0.0.0 inside one namespace; two clients in another
+namespace reach it only through the veth link at 10.77.0.1 — not through a
+shared loopback — as clients on other machines would.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SERVER_IP, CLIENT_IP = "10.77.0.1", "10.77.0.2"
+
+
+def _ip(*args):
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
+
+
+@pytest.fixture
+def two_hosts():
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2")
+    tag = uuid.uuid4().hex[:6]
+    srv, cli = f"fps{tag}", f"fpc{tag}"
+    try:
+        _ip("netns", "add", srv)
+        _ip("netns", "add", cli)
+        _ip("link", "add", f"vs{tag}", "type", "veth", "peer", "name", f"vc{tag}")
+        _ip("link", "set", f"vs{tag}", "netns", srv)
+        _ip("link", "set", f"vc{tag}", "netns", cli)
+        for ns, dev, addr in ((srv, f"vs{tag}", SERVER_IP), (cli, f"vc{tag}", CLIENT_IP)):
+            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+    except subprocess.CalledProcessError as exc:
+        for ns in (srv, cli):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        pytest.skip(f"cannot create network namespaces here: {exc.stderr.decode(errors='replace').strip()}")
+    try:
+        yield srv, cli
+    finally:
+        for ns in (srv, cli):  # deleting a namespace also removes its end of the veth pair
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_server_and_clients_on_separate_hosts(tmp_path, two_hosts):
+    from fedplug.data.synthetic import generate_synthetic_federation
+
+    srv, cli = two_hosts
+    folders = generate_synthetic_federation(tmp_path / "data", num_clients=2, train_per_client=8,
+                                            test_per_client=4, image_size=128, seed=2)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TORCH_HOME=str(tmp_path / "hub"))
+    run_dir = tmp_path / "server"
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", srv, sys.executable, "-m", "fedplug", "mode=server", "server.host=0.0.0.0",
+         "server.port=5055", "run.rounds=2", "run.min_clients=2", "run.clients_per_round=2",
+         "resource_policy=always", "train.local_epochs=1", "server.ready_timeout_s=120",
+         f"hydra.run.dir={run_dir}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    clients = [
+        subprocess.Popen(
+            ["ip", "netns", "exec", cli, sys.executable, "-m", "fedplug", "mode=client",
+             f"client.server_url=http://{SERVER_IP}:5055", f"client.client_id=remote{i}",
+             f"client.data.path={folder}", "client.torch_threads=1", f"hydra.run.dir={tmp_path / f'c{i}'}"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+        for i, folder in enumerate(folders)]
+    try:
+        out, _ = server.communicate(timeout=400)
+        client_out = [c.communicate(timeout=60)[0] for c in clients]
+    finally:
+        for p in [server, *clients]:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert server.returncode == 0, out
+    assert all(c.returncode == 0 for c in clients), client_out
+    history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round_number"] for r in history] == [1, 2]
+    assert all(sorted(r["participants"]) == ["remote0", "remote1"] for r in history)
+    # the clients could only have come over the veth link: every connection's peer is the client host
+    from fedplug.outputs import read_events
+
+    connects = [e for e in read_events(run_dir / "events.jsonl") if e["event"] == "connect"]
+    assert len(connects) >= 2 and {e["remote"] for e in connects} == {CLIENT_IP}
