@@ -344,6 +344,7 @@ def plot(path: Path, rows: Sequence[Mapping], title: str) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return False
     settings = list(dict.fromkeys(r["setting"] for r in rows))
@@ -357,6 +358,7 @@ def plot(path: Path, rows: Sequence[Mapping], title: str) -> bool:
         ax.set_xlabel("epochs over the data (= round x local epochs)")
         ax.set_title(name)
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_ylim(0, 1)
     axes[1].set_ylim(0, 1)
     axes[0].legend()
