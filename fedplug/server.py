@@ -212,29 +212,16 @@ class FederationServer:
                 slot.disconnected_at = time.monotonic()
                 self._ready_changed.set()
                 self._notify("fedplug_client_left", client_id=cid, reason="disconnected")
-                if not (self._finished or self._stop_sent):
-                    self.echo(f"  client {cid} disconnected")
+                if not self._finished:
+                    if not self._stop_sent:  # after STOP, clients leave once they answered: no news
+                        self.echo(f"  client {cid} disconnected")
                     asyncio.get_running_loop().create_task(self._give_up_later(cid, sid))
 
-        @sio.on(P.CLIENT_WAKE_UP)
-        async def client_wake_up(sid, data):
-            await self._on_wake_up(sid, data)
-
-        @sio.on(P.CLIENT_READY)
-        async def client_ready(sid, data):
-            await self._on_ready(sid, data)
-
-        @sio.on(P.CHECK_CLIENT_RESOURCE_DONE)
-        async def check_client_resource_done(sid, data):
-            await self._on_resource_done(sid, data)
-
-        @sio.on(P.CLIENT_UPDATE)
-        async def client_update(sid, data):
-            await self._on_update(sid, data)
-
-        @sio.on(P.CLIENT_EVAL)
-        async def client_eval(sid, data):
-            await self._on_eval(sid, data)
+        # each answer event goes to its validating handler; a message without a payload reaches it as None
+        for event, handler in ((P.CLIENT_WAKE_UP, self._on_wake_up), (P.CLIENT_READY, self._on_ready),
+                               (P.CHECK_CLIENT_RESOURCE_DONE, self._on_resource_done),
+                               (P.CLIENT_UPDATE, self._on_update), (P.CLIENT_EVAL, self._on_eval)):
+            sio.on(event, handler)
 
         @sio.on("*")
         async def unknown(event, sid, data=None):
@@ -274,7 +261,7 @@ class FederationServer:
             except Exception:
                 log.exception("observer %s failed in %s; the run goes on", impl.plugin_name, hook_name)
 
-    async def _on_wake_up(self, sid: str, data: Any) -> None:
+    async def _on_wake_up(self, sid: str, data: Any = None) -> None:
         try:
             msg = P.parse(P.CLIENT_WAKE_UP, data)
         except P.ProtocolError as exc:
@@ -309,7 +296,7 @@ class FederationServer:
             "eval": _plain(self.cfg.eval),
         })
 
-    async def _on_ready(self, sid: str, data: Any) -> None:
+    async def _on_ready(self, sid: str, data: Any = None) -> None:
         cid = self._client_of(sid)
         if cid is None:
             return await self._reject(sid, P.CLIENT_READY, "send client_wake_up first")
@@ -327,7 +314,7 @@ class FederationServer:
                                                              "num_test": slot.num_test, **slot.info})
         self._ready_changed.set()
 
-    async def _on_resource_done(self, sid: str, data: Any) -> None:
+    async def _on_resource_done(self, sid: str, data: Any = None) -> None:
         cid = self._client_of(sid)
         try:
             msg = P.parse(P.CHECK_CLIENT_RESOURCE_DONE, data)
@@ -341,7 +328,7 @@ class FederationServer:
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         collector.settle(cid, ResourceReport(float(msg["load_rate"]), str((msg.get("details") or {}).get("kind", "")), details))
 
-    async def _on_update(self, sid: str, data: Any) -> None:
+    async def _on_update(self, sid: str, data: Any = None) -> None:
         cid = self._client_of(sid)
         try:
             msg = P.parse(P.CLIENT_UPDATE, data)
@@ -381,7 +368,7 @@ class FederationServer:
         finally:
             collector.end_work()
 
-    async def _on_eval(self, sid: str, data: Any) -> None:
+    async def _on_eval(self, sid: str, data: Any = None) -> None:
         cid = self._client_of(sid)
         try:
             msg = P.parse(P.CLIENT_EVAL, data)

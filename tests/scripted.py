@@ -129,6 +129,9 @@ class ScriptedClient:
         @sio.on(P.STOP_AND_EVAL)
         async def stop_and_eval(data):
             self.received.append(P.STOP_AND_EVAL)
+            if self.behaviour == "die_at_last_eval" and data["STOP"]:
+                await sio.disconnect()
+                return
             stats = DetectionStats.empty(self.num_classes)
             stats.scores[0] = [0.9, 0.2]
             stats.true_positive[0] = [True, False]

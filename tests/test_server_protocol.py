@@ -245,3 +245,39 @@ def test_status_api_reports_phase_clients_and_history(tmp_path):
     assert status == 0 and http_status == 200
     assert body["phase"] == "finished" and body["rounds"] == 1 and "site" in body["clients"]
     assert [h["round"] for h in body["history"]] == [1] and body["history"][0]["map50"] == 1.0
+
+
+def test_a_client_dying_during_the_last_evaluation_is_given_up_after_the_grace_period(tmp_path):
+    import time
+
+    cfg = compose_cfg("run.rounds=1", "run.min_clients=2", "run.clients_per_round=2", "run.num_clients=2",
+                      "server.eval_timeout_s=120", "server.reconnect_grace_s=1")
+    t0 = time.monotonic()
+    status, server, _ = _run(cfg, tmp_path, {"a": "good", "b": "die_at_last_eval"}, timeout=60)
+    assert status == 0 and time.monotonic() - t0 < 30  # not the 120 s evaluation deadline
+    assert server.history[0].extra["evaluators"] == 1.0
+
+
+def test_an_answer_event_without_payload_gets_a_protocol_error(tmp_path):
+    import socketio
+
+    from fedplug.server import FederationServer
+
+    async def go():
+        server = FederationServer(compose_cfg("run.rounds=1"), toy_plugins(), ("a", "b", "c"), tmp_path,
+                                  echo=lambda *a: None)
+        port = await server.start()
+        errors = []
+        sio = socketio.AsyncClient(reconnection=False)
+        sio.on("protocol_error", lambda d: errors.append(d["reason"]))
+        await sio.connect(f"http://127.0.0.1:{port}", transports=["websocket"])
+        await sio.emit("client_wake_up")
+        for _ in range(50):
+            if errors:
+                break
+            await asyncio.sleep(0.1)
+        await sio.disconnect()
+        await server.stop()
+        return errors
+
+    assert any("payload must be an object" in e for e in asyncio.run(go()))
