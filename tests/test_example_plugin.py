@@ -1,10 +1,10 @@
 """The third-party example plugin, installed with pip, selected from the command line.
 
 ``examples/fedplug-example-plugin`` is copied to a temporary directory (so the
-build leaves nothing in the source tree) and pip-installed into a throw-away
-virtual environment created with ``--system-site-packages``: it sees fedplug
-and torch from the main environment, while the main environment itself is
-never modified.  Then, exactly as a user would: ``fedplug plugins`` lists it,
+build leaves nothing in the source tree) and pip-installed, offline, into a
+throw-away virtual environment that sees fedplug and torch from the environment
+running the tests (a venv or the base interpreter: see ``childenv.py``), while
+that environment itself is never modified.  Then, exactly as a user would: ``fedplug plugins`` lists it,
 its own contract tests pass, a tiny federation selects its aggregator with a
 parameter override and its observer writes ``model_drift.csv``, disabling the
 observer from config works, and after ``pip uninstall`` it is gone.
@@ -13,13 +13,11 @@ observer from config works, and after ``pip uninstall`` it is gone.
 from __future__ import annotations
 
 import csv
-import os
 import shutil
-import subprocess
-import venv
 from pathlib import Path
 
 import pytest
+from childenv import ChildEnv
 
 pytestmark = pytest.mark.slow
 
@@ -33,22 +31,16 @@ TINY = [
 ]
 
 
-class Env:
-    """A virtual environment with the example installed from a copy of its source at ``source``."""
+class Env(ChildEnv):
+    """The child environment, with the example installed from a copy of its source at ``source``."""
 
     def __init__(self, root: Path, source: Path):
-        self.root = root
+        super().__init__(root)
         self.source = source
-        self.python = root / "bin" / "python"
 
-    def run(self, *args: str, cwd: Path, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", FEDPLUG_CACHE=str(self.root.parent / "cache"))
-        env.pop("PYTHONPATH", None)
-        proc = subprocess.run([str(self.python), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=timeout)
-        if check:
-            assert proc.returncode == 0, f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-        return proc
+    def run(self, *args: str, cwd: Path, timeout: float = 300, check: bool = True, **env: str):
+        return super().run(*args, cwd=cwd, timeout=timeout, check=check,
+                           FEDPLUG_CACHE=str(self.root.parent / "cache"), **env)
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +48,8 @@ def plugin_env(tmp_path_factory) -> Env:
     base = tmp_path_factory.mktemp("example-plugin")
     source = base / "src"
     shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    # No pip of its own: the main environment's pip, run by the venv's python, installs into the venv.
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(base / "venv")
     env = Env(base / "venv", source)
-    env.run("-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-q", str(source), cwd=base)
+    env.pip_install(str(source), cwd=base)
     return env
 
 

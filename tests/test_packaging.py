@@ -1,12 +1,12 @@
 """The distribution: every package directory is listed, and a non-editable wheel works on its own."""
 
-import os
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+from childenv import ChildEnv, parent_site_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,23 +32,31 @@ def test_every_package_directory_is_in_pyproject():
 @pytest.mark.slow
 def test_wheel_installs_into_a_fresh_venv_and_runs(tmp_path):
     wheel_dir = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
                     "-w", str(wheel_dir), str(ROOT)], check=True, cwd=tmp_path)
     wheel = next(wheel_dir.glob("fedplug-*.whl"))
-    venv = tmp_path / "venv"
-    # reuse this machine's torch and friends; fedplug itself comes only from the wheel
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    py = venv / "bin" / "python"
-    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    where = subprocess.run([str(py), "-c", "import fedplug, fedplug.conf, fedplug_plugins.detectors.frcnn as f;"
-                            "print(fedplug.__file__); print(f.__file__)"],
-                           check=True, capture_output=True, text=True, cwd=tmp_path, env=env).stdout
-    assert all(str(venv) in line for line in where.split()), where
-    listing = subprocess.run([str(venv / "bin" / "fedplug"), "plugins"], check=True, capture_output=True,
-                             text=True, cwd=tmp_path, env=env).stdout
+    # torch and friends come from the environment running the tests; fedplug itself only from the wheel
+    child = ChildEnv(tmp_path / "venv")
+    child.pip_install(str(wheel), cwd=tmp_path)
+    where = child.run("-c", "import fedplug, fedplug.conf, fedplug_plugins.detectors.frcnn as f;"
+                      "print(fedplug.__file__); print(f.__file__)", cwd=tmp_path).stdout
+    assert all(str(child.root) in line for line in where.split()), where
+    listing = subprocess.run([str(child.root / "bin" / "fedplug"), "plugins"], check=True, capture_output=True,
+                             text=True, cwd=tmp_path, env=child.env()).stdout
     for name in ("fedavg", "frcnn", "yolov3", "cpu_load"):
         assert name in listing
-    job = subprocess.run([str(py), "-m", "fedplug", "--cfg", "job", "model=yolov3", "aggregator=fedprox"],
-                         check=True, capture_output=True, text=True, cwd=tmp_path, env=env).stdout
+    job = child.run("-m", "fedplug", "--cfg", "job", "model=yolov3", "aggregator=fedprox", cwd=tmp_path).stdout
     assert "name: yolov3" in job and "name: fedprox" in job
+
+
+def test_child_env_sees_this_environment_and_not_an_editable_fedplug(tmp_path):
+    # The property both install tests rest on, checked cheaply: torch is importable in the child
+    # (whether this run lives in a venv or the base interpreter), and fedplug is not, since an
+    # editable install is an import hook the child never runs.
+    child = ChildEnv(tmp_path / "venv")
+    probe = child.run("-c", "import importlib.util as u; print(u.find_spec('torch') is not None, "
+                      "u.find_spec('fedplug') is not None)", cwd=tmp_path).stdout.split()
+    editable = "__editable__" in "".join(p.name for d in parent_site_dirs() for p in Path(d).glob("*.pth"))
+    assert probe[0] == "True"
+    if editable:
+        assert probe[1] == "False", "an editable fedplug leaked into the child environment"
