@@ -192,3 +192,123 @@ def test_published_file_sizes_match_the_architecture():
     assert file_bytes(full) == 248_007_048  # yolov3.weights
     assert file_bytes(full, 74) == 162_482_580  # darknet53.conv.74
     assert file_bytes(build_yolov3({"variant": "tiny"}, 80)) == 35_434_956  # yolov3-tiny.weights
+
+
+# ----------------------------------------------------------------------------- files for another variant
+
+DARKNET53_CONV_74_BYTES = 162_482_580  # the published darknet53.conv.74
+YOLOV3_WEIGHTS_BYTES = 248_007_048  # the published yolov3.weights (80 classes)
+YOLOV3_TINY_WEIGHTS_BYTES = 35_434_956  # the published yolov3-tiny.weights (80 classes)
+
+
+def sparse_file(path, nbytes, header=(0, 2, 0)):
+    """A Darknet header, then zeros up to ``nbytes`` (sparse on disk: the big published sizes cost nothing)."""
+    with open(path, "wb") as f:
+        f.write(struct.pack("<3iq", *header, 0))
+        f.truncate(nbytes)
+    return path
+
+
+def untouched(model):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    return lambda: all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("variant,img_size,layers", [("tiny", 64, 24), ("nano", 128, 22)])
+def test_darknet53_conv_74_into_a_smaller_variant_is_refused_naming_the_fit(tmp_path, variant, img_size, layers):
+    path = sparse_file(tmp_path / "darknet53.conv.74", DARKNET53_CONV_74_BYTES)
+    model = build_yolov3({"variant": variant, "img_size": img_size}, 3)
+    same = untouched(model)
+    with pytest.raises(DarknetWeightsError) as err:
+        load_darknet_weights(model, path)
+    msg = str(err.value)
+    assert f"cutoff 74 (from the file name" in msg and f"{variant} has {layers} cfg layers" in msg
+    assert "fits darknet53 with cutoff 74 (darknet53.conv.74)" in msg
+    assert f"the model is {variant}: set model.variant=darknet53 or use a file for {variant}" in msg
+    assert same()
+
+
+@pytest.mark.parametrize("variant,img_size", [("nano", 128), ("darknet53", 64)])
+def test_tiny_conv_15_into_another_variant_is_refused_naming_the_fit(tmp_path, variant, img_size):
+    """Both models have 15 cfg layers; their first 15 need other float counts than tiny's."""
+    path = tmp_path / "yolov3-tiny.conv.15"
+    write_darknet(path, randomise(build_yolov3({"variant": "tiny", "img_size": 64}, 3), 11), cutoff=15)
+    model = build_yolov3({"variant": variant, "img_size": img_size}, 3)
+    same = untouched(model)
+    with pytest.raises(DarknetWeightsError) as err:
+        load_darknet_weights(model, path)
+    msg = str(err.value)
+    assert "named as a cutoff file (*.conv.15)" in msg and "must hold exactly" in msg
+    assert "fits tiny with cutoff 15 (yolov3-tiny.conv.15)" in msg
+    assert f"set model.variant=tiny or use a file for {variant}" in msg
+    assert same()
+    if variant == "darknet53":  # the published darknet53.conv.74 size still loads into darknet53
+        report = load_darknet_weights(model, sparse_file(tmp_path / "darknet53.conv.74", DARKNET53_CONV_74_BYTES))
+        assert report.cutoff == 74 and report.convs_loaded == 52 and report.values_read == report.values_in_file
+        assert torch.count_nonzero(model.body.backbone.stem.conv.weight) == 0  # the (zero) file was read
+        assert torch.count_nonzero(model.body.block32.out.weight) > 0  # layers >= 74 untouched
+
+
+def test_a_nano_cutoff_file_into_tiny_is_refused_naming_the_fit(tmp_path):
+    path = tmp_path / "nano.conv.13"
+    write_darknet(path, randomise(build_yolov3({}, 3), 12), cutoff=13)
+    with pytest.raises(DarknetWeightsError, match=r"too short.*fits nano with cutoff 13; the model is tiny"):
+        load_darknet_weights(build_yolov3({"variant": "tiny", "img_size": 64}, 3), path)
+
+
+def test_a_cutoff_file_holding_more_than_its_name_says_is_refused(tmp_path):
+    """A *.conv.N file must hold exactly the first N layers, even when it is a longer file of the same model."""
+    source = randomise(build_yolov3({}, 3), 13)
+    write_darknet(tmp_path / "nano.conv.11", source, cutoff=13)
+    target = build_yolov3({"seed": 1}, 3)
+    with pytest.raises(DarknetWeightsError, match=r"\*\.conv\.11.*fits nano with cutoff 13.*model.weights_cutoff=13"):
+        load_darknet_weights(target, tmp_path / "nano.conv.11")
+    write_darknet(tmp_path / "nano.conv.13", source, cutoff=13)  # the right name loads
+    assert load_darknet_weights(target, tmp_path / "nano.conv.13").convs_loaded == 8
+    assert same_weights(source, target, "body.backbone")
+
+
+def test_a_cutoff_beyond_the_models_layers_is_refused(tmp_path):
+    write_darknet(tmp_path / "nano.weights", build_yolov3({}, 3))
+    with pytest.raises(DarknetWeightsError, match=r"cutoff 23 \(from model.weights_cutoff\).*22 cfg layers.*at most 22"):
+        load_darknet_weights(build_yolov3({}, 3), tmp_path / "nano.weights", cutoff=23)
+    assert load_darknet_weights(build_yolov3({}, 3), tmp_path / "nano.weights", cutoff=22).convs_loaded == 12
+
+
+def test_an_explicit_cutoff_takes_a_prefix_of_this_variant_only(tmp_path):
+    # the first layers of another variant's longer file: refused
+    write_darknet(tmp_path / "tiny.weights", build_yolov3({"variant": "tiny", "img_size": 64}, 3))
+    with pytest.raises(DarknetWeightsError, match=r"no nano file.*fits the whole tiny model with 3 classes"):
+        load_darknet_weights(build_yolov3({}, 3), tmp_path / "tiny.weights", cutoff=11)
+    # the backbone of this variant's file trained for another class count (yolov3.weights -> cutoff 74): loads
+    source = randomise(build_yolov3({"variant": "tiny", "img_size": 64}, 80), 14)
+    write_darknet(tmp_path / "coco.weights", source)
+    target = build_yolov3({"variant": "tiny", "img_size": 64, "seed": 1}, 7)
+    report = load_darknet_weights(target, tmp_path / "coco.weights", cutoff=15)
+    assert report.convs_loaded == 9 and same_weights(source, target, "body.backbone")
+    # ...but not its output layers, which have another class count
+    with pytest.raises(DarknetWeightsError, match="no tiny file"):
+        load_darknet_weights(target, tmp_path / "coco.weights", cutoff=16)
+
+
+def test_a_full_file_must_match_exactly(tmp_path):
+    path = tmp_path / "nano.weights"
+    write_darknet(path, build_yolov3({}, 3))
+    path.write_bytes(path.read_bytes() + b"\x00" * 28)  # 7 stray values
+    with pytest.raises(DarknetWeightsError, match="another architecture.*fits none of the known variants"):
+        load_darknet_weights(build_yolov3({}, 3), path)
+    write_darknet(path, build_yolov3({}, 3))
+    with pytest.raises(DarknetWeightsError, match="too short.*fits the whole nano model with 3 classes.*reinit_heads=true"):
+        load_darknet_weights(build_yolov3({}, 4), path)  # a 3-class file into a 4-class model
+
+
+def test_published_sizes_are_named():
+    from fedplug_plugins.detectors.yolov3.darknet_weights import describe_file_size
+
+    floats = lambda nbytes: (nbytes - 20) // 4  # noqa: E731
+    assert "fits the whole darknet53 model with 80 classes (yolov3.weights)" in describe_file_size(
+        floats(YOLOV3_WEIGHTS_BYTES))
+    assert "fits the whole tiny model with 80 classes (yolov3-tiny.weights)" in describe_file_size(
+        floats(YOLOV3_TINY_WEIGHTS_BYTES))
+    assert describe_file_size(floats(DARKNET53_CONV_74_BYTES)).startswith(
+        "this file fits darknet53 with cutoff 74 (darknet53.conv.74)")

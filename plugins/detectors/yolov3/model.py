@@ -66,6 +66,10 @@ class YOLOv3(nn.Module):
         """The convolutions in Darknet ``.weights`` order (see :mod:`.darknet_weights`)."""
         return self.body.darknet_convs()
 
+    def num_darknet_layers(self) -> int:
+        """The number of cfg sections (107 for darknet53, 24 for tiny, 22 for nano): the largest cutoff."""
+        return int(self.body.num_layers)
+
     def output_convs(self) -> list[nn.Conv2d]:
         """The linear 1x1 convs feeding the YOLO layers, coarsest scale first."""
         return [c.conv for c in self.darknet_convs() if c.is_output]

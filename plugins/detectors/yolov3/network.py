@@ -9,7 +9,7 @@ layer, which is linear with a bias.
 Each body lists its convolutions in Darknet's layer order through
 :meth:`darknet_convs` -- ``(cfg layer index, conv, bn or None, is_output)`` --
 which is the order a Darknet ``.weights`` file stores them in
-(:mod:`.darknet_weights`).  The layer index counts every cfg section
+(:mod:`.darknet_weights`); ``num_layers`` is the body's number of cfg sections.  The layer index counts every cfg section
 (``[convolutional]``, ``[shortcut]``, ``[maxpool]``, ``[route]``,
 ``[upsample]``, ``[yolo]``), so a Darknet cutoff such as the 74 of
 ``darknet53.conv.74`` means the same here.
@@ -156,6 +156,7 @@ class YOLOv3Body(nn.Module):
         convs.skip(2)  # [upsample], [route] -1, 36
         self.block8 = _DetectionBlock(128 + 256, 128, outs[2], m, convs)
         self._convs = convs.listing()
+        self.num_layers = convs.layer  # cfg sections: 107 (0-106), as in yolov3.cfg
 
     def darknet_convs(self) -> list[DarknetConv]:
         return list(self._convs)
@@ -221,7 +222,9 @@ class TinyBody(nn.Module):
         convs.skip(2)  # [upsample], [route] -1, 8
         self.head_fine = convs.conv(ConvBNLeaky(lateral + widths[-2], neck, 3, bn_momentum=m))
         self.out_fine = convs.conv(nn.Conv2d(neck, outs[1], 1), is_output=True)
+        convs.skip()  # [yolo]
         self._convs = convs.listing()
+        self.num_layers = convs.layer  # cfg sections: 24 (0-23) in tiny, as in yolov3-tiny.cfg; 22 in nano
 
     def darknet_convs(self) -> list[DarknetConv]:
         return list(self._convs)
