@@ -24,15 +24,14 @@ def echo(text: str = "") -> None:
 
 
 def plugin_search_paths() -> list[str]:
-    """``pkg://`` search-path entries for every installed plugin's config package."""
-    from importlib import metadata
+    """``pkg://`` search-path entries for every installed plugin's config package, in search order.
 
-    paths = []
-    for dist in metadata.distributions():
-        for ep in dist.entry_points:
-            if ep.group == CONF_GROUP:
-                paths.append(f"pkg://{ep.value}")
-    return sorted(set(paths))
+    Hydra gets them from :class:`fedplug.searchpath.FedplugSearchPathPlugin`,
+    never from the command line (see :func:`main`).
+    """
+    from fedplug.searchpath import plugin_search_paths as paths
+
+    return paths()
 
 
 def print_plugins() -> int:
@@ -128,15 +127,18 @@ async def run_server(cfg: Any, embedded: bool) -> int:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2) if embedded else (os.cpu_count() or 1))
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     try:
+        shared_test = None
         if embedded:
             echo(f"preparing data ({data_cfg.get('name', data_cfg.get('format'))}) for "
                  f"{cfg.run.num_clients} clients ...")
             federation = prepare_federation(data_cfg, int(cfg.run.num_clients))
             class_names = tuple(federation.class_names)
+            shared_test = getattr(federation, "shared_test", None)
             if federation.summary:
                 echo(federation.summary)
         else:
             class_names = tuple(class_names_of(data_cfg))
+        held_out, held_out_source = _held_out_set(cfg, shared_test, class_names)
     except (DatasetError, FileNotFoundError) as exc:
         echo(f"data error: {exc}")
         return 2
@@ -149,7 +151,8 @@ async def run_server(cfg: Any, embedded: bool) -> int:
     for role, info in plugins.selected.items():
         log.info("%s: %s", role, info.describe())
     try:
-        server = FederationServer(cfg, plugins, class_names, run_dir, echo=echo)
+        server = FederationServer(cfg, plugins, class_names, run_dir, echo=echo, held_out=held_out,
+                                  held_out_source=held_out_source, clients_have_test=shared_test is None)
     except (RunFailed, FileNotFoundError, ValueError) as exc:
         echo(f"cannot start: {exc}")
         return 2
@@ -158,8 +161,12 @@ async def run_server(cfg: Any, embedded: bool) -> int:
     url = f"http://{cfg.server.host}:{port}"
     echo(f"fedplug server on {url}  model={cfg.model.name} ({server.num_parameters:,} parameters) "
          f"aggregator={cfg.aggregator.name} resource_policy={cfg.resource_policy.name}  classes={list(class_names)}")
+    if server.held_out is not None:
+        echo(f"evaluation: eval.on={server.eval_place}, the server scores {held_out_source} "
+             f"({len(server.held_out)} images)")
     clients = ClientProcesses()
     watcher = None
+    died: dict[str, int] = {}  # local client processes that exited with an error while the run went on
     try:
         if embedded:
             n = int(cfg.run.num_clients)
@@ -175,7 +182,7 @@ async def run_server(cfg: Any, embedded: bool) -> int:
             echo(f"starting {len(commands)} client processes (logs in {run_dir / 'clients'}) ...")
             clients.start(commands, run_dir / "clients")
             watcher = asyncio.get_running_loop().create_task(
-                _watch_clients(server, clients, run_dir / "clients", int(cfg.run.min_clients)))
+                _watch_clients(server, clients, run_dir / "clients", int(cfg.run.min_clients), died))
         status = await server.run_federation()
     finally:
         if watcher is not None:
@@ -186,18 +193,43 @@ async def run_server(cfg: Any, embedded: bool) -> int:
             bad = {cid: code for cid, code in codes.items() if code not in (0, None)}
             if bad:
                 log.warning("client exit codes: %s", bad)
+    if died and status == 0 and bool(cfg.run.get("fail_on_client_exit", True)):
+        # the run finished, but without some sites' data: that is not the run the user asked for
+        echo(f"client process(es) {', '.join(f'{c} (status {code})' for c, code in sorted(died.items()))} "
+             "died during the run, so its results miss their data; exit status 1 "
+             "(set run.fail_on_client_exit=false to accept such runs)")
+        status = 1
     return status
 
 
-async def _watch_clients(server, clients, log_dir: Path, min_clients: int) -> None:
-    """Report local client processes that crash; abort if too few are left to ever start a round."""
-    reported: set[str] = set()
+def _held_out_set(cfg: Any, shared_test: dict | None, class_names: tuple[str, ...]):
+    """The test set the server scores itself, and a description of it (``eval.data``, else a shared test set)."""
+    from omegaconf import OmegaConf
+
+    spec = cfg.eval.get("data")
+    if spec is None and (shared_test is None or str(cfg.eval.get("on", "auto")) == "clients"):
+        return None, ""
+    from fedplug.data import open_eval_data
+
+    if spec is not None:
+        spec = OmegaConf.to_container(spec, resolve=True) if OmegaConf.is_config(spec) else spec
+        if not isinstance(spec, dict):
+            from fedplug.data.errors import DatasetError
+
+            raise DatasetError(f"eval.data must be a dataset spec such as {{format: voc, path: /data/heldout}}, "
+                               f"got {spec!r}")
+        return open_eval_data(spec, class_names), f"eval.data ({spec.get('format')} at {spec.get('path')})"
+    return open_eval_data(shared_test, class_names), f"the shared test set ({shared_test.get('path')})"
+
+
+async def _watch_clients(server, clients, log_dir: Path, min_clients: int, reported: dict[str, int]) -> None:
+    """Report local client processes that crash (into ``reported``); abort if too few are left to ever start a round."""
     while True:
         await asyncio.sleep(0.5)
         for cid, code in clients.exited_with_error().items():
             if cid in reported:
                 continue
-            reported.add(cid)
+            reported[cid] = code
             echo(f"client process {cid} exited with status {code}; the end of its log:")
             echo("    " + clients.log_tail(cid, log_dir).replace("\n", "\n    "))
         if clients.alive() < min_clients and server.round_number == 0 and reported:
@@ -209,8 +241,25 @@ async def _watch_clients(server, clients, log_dir: Path, min_clients: int) -> No
 def _hydra_entry() -> None:
     import hydra
 
+    from fedplug import searchpath
+
+    # Plugin config packages reach Hydra through a SearchPathPlugin, not through argv: an
+    # appended hydra.searchpath=[...] would follow flags like --cfg job (and break them), and
+    # would be replaced by a user's own hydra.searchpath, which now merges after them instead.
+    searchpath.register()
+
     @hydra.main(version_base=None, config_path="pkg://fedplug.conf", config_name="config")
     def _main(cfg) -> None:
+        from fedplug.plugins import PluginError, check_plugin_configs
+
+        if str(cfg.get("mode")) != "plugins":
+            from hydra.core.hydra_config import HydraConfig
+
+            try:
+                check_plugin_configs(cfg, dict(HydraConfig.get().runtime.choices))
+            except PluginError as exc:
+                echo(f"config error: {exc}")
+                sys.exit(2)
         status = run(cfg)
         if status:
             sys.exit(status)
@@ -246,8 +295,9 @@ def main(argv: list[str] | None = None) -> None:
     if args[:1] == ["plugins"]:
         sys.exit(print_plugins())
     check_selected_plugins(args)
-    extra = plugin_search_paths()
-    if extra and not any(a.startswith("hydra.searchpath") for a in args):
-        args.append("hydra.searchpath=[" + ",".join(f"'{p}'" for p in extra) + "]")
+    from fedplug.searchpath import startup_warnings
+
+    for line in startup_warnings():  # e.g. a plugin's aggregator/fedavg.yaml shadowed by fedplug's own
+        print(f"warning: {line}", file=sys.stderr, flush=True)
     sys.argv = [sys.argv[0]] + args
     _hydra_entry()

@@ -25,13 +25,13 @@ import torch
 
 from fedplug import protocol as P
 from fedplug.plugins import activate
-from fedplug.types import EvalSettings, TrainSettings
+from fedplug.evaluation import eval_settings_from
+from fedplug.types import TrainSettings
 from fedplug.wire import WireError, decode_checked, encode_state, spec_of
 
 log = logging.getLogger("fedplug.client")
 
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainSettings)}
-_EVAL_FIELDS = {f.name for f in dataclasses.fields(EvalSettings)}
 
 
 def resolve_device(requested: str) -> str:
@@ -163,8 +163,7 @@ class FederationClient:
         torch.manual_seed(int(model_cfg.get("seed", 0)))
         self.model = self.plugins.hook.fedplug_build_model(config=model_cfg, class_names=class_names)
         self.spec = spec_of(self.model.state_dict())
-        self.eval_settings = EvalSettings(device=self.device, **{
-            k: v for k, v in (message.get("eval") or {}).items() if k in _EVAL_FIELDS and k != "device"})
+        self.eval_settings = eval_settings_from(message.get("eval") or {}, self.device)
         self.init_config = {"model": model_cfg, "policy": policy_cfg, "classes": message["class_names"]}
         return len(self.data.train), len(self.data.test)
 

@@ -47,7 +47,7 @@ def _number(cfg: Any, key: str, low: float, high: float | None = None, *, open_l
 
 def _choice(cfg: Any, key: str, choices: tuple[str, ...]) -> str:
     value = _get(cfg, key)
-    if str(value) not in choices and not (key == "client.device" and str(value).startswith("cuda:")):
+    if str(value) not in choices and not (key.endswith(".device") and str(value).startswith("cuda:")):
         raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
     return str(value)
 
@@ -98,6 +98,8 @@ def validate(cfg: Any) -> None:
     _number(cfg, "train.max_grad_norm", 0.0)
     _int(cfg, "eval.batch_size", 1)
     _number(cfg, "eval.score_threshold", 0.0, 1.0)
+    _choice(cfg, "eval.on", ("auto", "server", "clients", "both"))
+    _choice(cfg, "eval.device", DEVICES)
     for group in ("aggregator", "model", "resource_policy"):
         if not isinstance(_get(cfg, f"{group}.name"), str):
             raise ConfigError(f"{group}.name must be a plugin name (see `fedplug plugins`)")

@@ -28,7 +28,7 @@ from fedplug.wire import encode_state, read_checkpoint, write_atomic
 
 METRIC_COLUMNS = (
     "round", "participants", "num_participants", "train_loss", "test_loss", "map50", "recall",
-    "coco_map", "seconds",
+    "coco_map", "seconds", "evaluated_by", "eval_images", "eval_coverage",
 )
 
 
@@ -94,6 +94,11 @@ class RunOutputs:
             "recall": record.recall,
             "coco_map": record.extra.get("coco_map"),
             "seconds": round(record.seconds, 3),
+            # what the test figures cover: who scored them, on how many images, and which share
+            # of the expected test images that was (below 1 when an evaluator dropped out)
+            "evaluated_by": record.evaluated_by,
+            "eval_images": record.extra.get("eval_images"),
+            "eval_coverage": record.extra.get("eval_coverage"),
         }
         new = not self.metrics_csv.exists()
         with open(self.metrics_csv, "a", newline="", encoding="utf-8") as f:

@@ -31,6 +31,7 @@ from aiohttp import web
 
 from fedplug import protocol as P
 from fedplug.collect import PhaseCollector, UpdateStream
+from fedplug.evaluation import HeldOutEvaluator, eval_settings_from, resolve_place, round_metrics, safe_call
 from fedplug.outputs import EventLog, RunOutputs, format_table, load_resume_point
 from fedplug.plugins import ActivePlugins
 from fedplug.types import ClientUpdate, DetectionStats, EmptyRoundError, ResourceReport, RoundRecord
@@ -66,7 +67,9 @@ class FederationServer:
     """Runs one federated training run.  Create, :meth:`start`, then :meth:`run_federation`."""
 
     def __init__(self, cfg: Any, plugins: ActivePlugins, class_names: tuple[str, ...], run_dir: Path,
-                 echo=print):
+                 echo=print, held_out: Any = None, held_out_source: str = "", clients_have_test: bool = True):
+        """``held_out`` is a test dataset the server scores itself (``eval.on=server|both``);
+        ``clients_have_test`` is False when the data's test set is shared, not split among clients."""
         self.cfg = cfg
         self.run_cfg = cfg.run
         self.server_cfg = cfg.server
@@ -122,6 +125,17 @@ class FederationServer:
         self.spec = spec_of(self.global_weights)
         self.num_parameters = sum(p.numel() for p in model.parameters())
         self.round_start_weights = self.global_weights
+        self.eval_place = resolve_place(str(cfg.eval.get("on", "auto")), held_out is not None, clients_have_test)
+        self.held_out: HeldOutEvaluator | None = None
+        if held_out is not None and self.eval_place in ("server", "both"):
+            from fedplug.client import resolve_device
+
+            settings = eval_settings_from(_plain(cfg.eval), resolve_device(str(cfg.eval.get("device", "cpu"))))
+            try:
+                self.held_out = HeldOutEvaluator(self.hook, self.model_cfg, self.class_names, held_out, settings,
+                                                 held_out_source, str(self.model_cfg.get("name")))
+            except Exception as exc:
+                raise RunFailed(f"the server's evaluation on {held_out_source} cannot start: {exc}") from None
         self.start_round = 1
         if self.run_cfg.resume:
             self._resume(Path(str(self.run_cfg.resume)))
@@ -293,7 +307,7 @@ class FederationServer:
             "model": self.model_cfg,
             "class_names": list(self.class_names),
             "resource_policy": self.policy_cfg,
-            "eval": _plain(self.cfg.eval),
+            "eval": dict(_plain(self.cfg.eval), on=self.eval_place),
         })
 
     async def _on_ready(self, sid: str, data: Any = None) -> None:
@@ -611,50 +625,37 @@ class FederationServer:
                         f"(server.resource_max_attempts); last verdict: {decision.reason}")
 
     async def _evaluate(self, rnd: int, stop: bool, per_client: dict) -> dict[str, Any]:
+        """Score the new global model where ``eval.on`` says: the server's held-out set, the clients', or both."""
         self.phase = f"round {rnd}: evaluation"
-        evaluators = self.ready_clients()
-        payload_bytes = await self._offload(encode_state, self.global_weights)
-        collector = PhaseCollector(P.CLIENT_EVAL, rnd, set(evaluators))
-        self.collectors[P.CLIENT_EVAL] = collector
-        self._stop_sent = stop
-        for cid in evaluators:
-            await self._emit(P.STOP_AND_EVAL, cid, {"round_number": rnd, "weights": payload_bytes, "STOP": stop})
-        await collector.wait(float(self.server_cfg.eval_timeout_s))
-        self._close(P.CLIENT_EVAL)
-        evals = collector.values()
-        if len(evals) < self._quorum(len(evaluators)):
-            self.echo(f"  only {len(evals)} of {len(evaluators)} clients evaluated; metrics cover those")
-        if not evals:
-            return {}
-        return await self._offload(self._global_metrics, evals, per_client)
-
-    def _global_metrics(self, evals: Mapping[str, dict], per_client: dict) -> dict[str, Any]:
-        """Weighted test loss and the exact mAP/recall over the union of the clients' test sets."""
-        from fedplug import metrics
-
-        total = sum(e["test_size"] for e in evals.values()) or 1
-        test_loss = sum(e["test_loss"] * e["test_size"] for e in evals.values()) / total
-        for cid, e in evals.items():
-            per_client.setdefault(cid, {}).update(
-                {"test_loss": e["test_loss"], "map50": e["map50"], "recall": e["recall"],
-                 "test_size": float(e["test_size"])})
-        extra: dict[str, float] = {}
-        all_stats = [e["stats"] for e in evals.values()]
-        if all(s is not None for s in all_stats):
-            merged = all_stats[0]
-            for s in all_stats[1:]:
-                merged = merged.merge(s)
-            summary = metrics.summarize(merged, use_07_metric=bool(self.cfg.eval.use_07_metric))
-            map50, recall = float(summary["map50"]), float(summary["recall"])
-            if summary.get("coco_map") is not None:
-                extra["coco_map"] = float(summary["coco_map"])
-            extra["map_exact"] = 1.0
-        else:  # a client without statistics: fall back to the test-size-weighted mean, and say so
-            map50 = sum(e["map50"] * e["test_size"] for e in evals.values()) / total
-            recall = sum(e["recall"] * e["test_size"] for e in evals.values()) / total
-            extra["map_exact"] = 0.0
-        extra["evaluators"] = float(len(evals))
-        return {"test_loss": test_loss, "map50": map50, "recall": recall, "extra": extra}
+        weights = self.global_weights
+        server_eval = None
+        if self.held_out is not None:
+            what = f"the server's evaluation on {self.held_out.source}"
+            server_eval = asyncio.get_running_loop().run_in_executor(
+                self.pool, safe_call, lambda: self.held_out.evaluate(weights), what, self.echo)
+        client_entries: dict[str, dict] = {}
+        expected_images = 0
+        if self.eval_place in ("clients", "both"):
+            evaluators = self.ready_clients()
+            expected_images = sum(self.clients[cid].num_test for cid in evaluators)
+            payload_bytes = await self._offload(encode_state, weights)
+            collector = PhaseCollector(P.CLIENT_EVAL, rnd, set(evaluators))
+            self.collectors[P.CLIENT_EVAL] = collector
+            self._stop_sent = stop
+            for cid in evaluators:
+                await self._emit(P.STOP_AND_EVAL, cid, {"round_number": rnd, "weights": payload_bytes, "STOP": stop})
+            await collector.wait(float(self.server_cfg.eval_timeout_s))
+            self._close(P.CLIENT_EVAL)
+            client_entries = {cid: e for cid, e in collector.values().items() if e is not None}
+            if len(client_entries) < len(evaluators):
+                self.echo(f"  only {len(client_entries)} of {len(evaluators)} clients evaluated; "
+                          "the round's client metrics cover only their test images")
+        server_entry = await server_eval if server_eval is not None else None
+        if server_entry is not None:
+            self.events.write("server_eval", "local", rnd, None, map50=server_entry["map50"],
+                              images=server_entry["test_size"])
+        return await self._offload(round_metrics, self.eval_place, server_entry, client_entries, expected_images,
+                                   bool(self.cfg.eval.use_07_metric), per_client)
 
     def _finish_round(self, record: RoundRecord) -> None:
         """Metrics, checkpoints, resume point and observers; runs in a worker thread."""

@@ -308,3 +308,7 @@ class RoundRecord:
     seconds: float = 0.0
     per_client: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     extra: Mapping[str, float] = field(default_factory=dict)
+    # who produced test_loss/map50/recall: "server" (a held-out set), "clients" (their local
+    # test splits, merged), "server+clients" (eval.on=both; the clients' figures are in extra
+    # as clients_*), or "" on a round that was not evaluated
+    evaluated_by: str = ""

@@ -8,12 +8,19 @@ user installed fedplug into a virtual environment, as the README's quick start
 does.  Instead the child environment gets a ``.pth`` file naming the running
 interpreter's own site-packages directories, whichever environment that is.
 
-Path lines in a ``.pth`` file only extend ``sys.path``; the ``.pth`` files
-*inside* those directories are not executed.  So an editable install of
-fedplug in the parent (a ``.pth`` import hook) stays invisible to the child,
-and a wheel installed into the child is what the child imports — while torch,
-pip and setuptools come from the parent.  The child's own site-packages comes
-first on ``sys.path``, so what is installed into it shadows the parent's copy.
+Two ways to see the parent, for the two kinds of test:
+
+- ``editable=False`` (installing fedplug's own wheel): path lines in a ``.pth``
+  file only extend ``sys.path``, and the ``.pth`` files *inside* those
+  directories are not executed, so an editable install of fedplug in the
+  parent (a ``.pth`` import hook) stays invisible and the child imports the
+  wheel installed into it — while torch, pip and setuptools come from the parent;
+- ``editable=True`` (installing a plugin on top of this fedplug): the parent's
+  directories are added with ``site.addsitedir``, which runs their ``.pth``
+  files, so the parent's fedplug is importable whether it is editable or not.
+
+The child's own site-packages comes first on ``sys.path`` either way, so what is
+installed into it shadows the parent's copy.
 """
 
 from __future__ import annotations
@@ -40,14 +47,16 @@ def parent_site_dirs() -> list[str]:
 class ChildEnv:
     """A virtual environment at ``root`` that sees the parent's packages after its own."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, editable: bool = False):
         self.root = Path(root)
         venv.EnvBuilder(system_site_packages=False, with_pip=False, symlinks=os.name != "nt").create(self.root)
         self.python = self.root / "bin" / "python"
         own = subprocess.run([str(self.python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              check=True, capture_output=True, text=True).stdout.strip()
         self.site_packages = Path(own)
-        (self.site_packages / "_fedplug_test_parent.pth").write_text("\n".join(parent_site_dirs()) + "\n")
+        dirs = parent_site_dirs()
+        lines = [f"import site; site.addsitedir({d!r})" for d in dirs] if editable else dirs
+        (self.site_packages / "_fedplug_test_parent.pth").write_text("\n".join(lines) + "\n")
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}

@@ -57,6 +57,8 @@ def test_default_config_is_valid_and_names_the_embedded_federation():
         ("mode=banana", "mode"),
         ("server.update_timeout_s=-5", "server.update_timeout_s"),
         ("server.port=70000", "server.port"),
+        ("eval.on=everywhere", "eval.on"),
+        ("eval.device=tpu", "eval.device"),
     ],
 )
 def test_wrong_values_fail_naming_the_key(override, key):

@@ -35,7 +35,7 @@ class Env(ChildEnv):
     """The child environment, with the example installed from a copy of its source at ``source``."""
 
     def __init__(self, root: Path, source: Path):
-        super().__init__(root)
+        super().__init__(root, editable=True)  # the plugin installs on top of the fedplug under test
         self.source = source
 
     def run(self, *args: str, cwd: Path, timeout: float = 300, check: bool = True, **env: str):
