@@ -83,17 +83,48 @@ def test_raw_outputs_have_one_map_per_scale(variant, img_size, strides):
         assert m.shape == (2, len(mask), img_size // stride, img_size // stride, 5 + k)
 
 
-def test_anchors_are_the_published_ones_scaled_to_img_size():
+def test_anchors_are_the_published_pixels_at_any_img_size_as_in_darknet():
+    """Darknet never rescales anchors: yolov3.cfg at width=608 keeps the 416-px anchors."""
     s416 = parse_settings({"variant": "darknet53"}, 80)
     assert s416.anchors[0] == (10, 13) and s416.anchors[-1] == (373, 326)
-    assert s416.anchor_masks == ((6, 7, 8), (3, 4, 5), (0, 1, 2))
-    s320 = parse_settings({"variant": "darknet53", "img_size": 320}, 80)
-    assert s320.anchors[-1] == pytest.approx((373 * 320 / 416, 326 * 320 / 416))
+    assert s416.anchor_masks == ((6, 7, 8), (3, 4, 5), (0, 1, 2)) and not s416.scale_anchors
+    for size in (320, 608):
+        assert parse_settings({"variant": "darknet53", "img_size": size}, 80).anchors == s416.anchors
     tiny = parse_settings({"variant": "tiny"}, 80)
     assert len(tiny.anchors) == 6 and tiny.anchor_masks == ((3, 4, 5), (1, 2, 3))
+    assert parse_settings({"variant": "tiny", "img_size": 608}, 80).anchors == tiny.anchors
     nano = parse_settings({}, 3)
     assert nano.variant == "nano" and nano.img_size == 128
     assert all(10 <= max(w, h) <= 50 for w, h in nano.anchors)
+    assert parse_settings({"img_size": 256}, 3).anchors == nano.anchors
+
+
+def test_scale_anchors_is_an_explicit_option():
+    s320 = parse_settings({"variant": "darknet53", "img_size": 320, "scale_anchors": True}, 80)
+    assert s320.scale_anchors and s320.anchors[-1] == pytest.approx((373 * 320 / 416, 326 * 320 / 416))
+    assert parse_settings({"variant": "darknet53", "scale_anchors": True}, 80).anchors[-1] == (373, 326)
+    tiny = parse_settings({"variant": "tiny", "img_size": 608, "scale_anchors": True}, 80)
+    assert tiny.anchors[0] == pytest.approx((10 * 608 / 416, 14 * 608 / 416))
+    nano = parse_settings({}, 3)
+    nano256 = parse_settings({"img_size": 256, "scale_anchors": True}, 3)  # nano's anchors are for 128 px
+    assert nano256.anchors == tuple((2 * w, 2 * h) for w, h in nano.anchors)
+    given = parse_settings({"anchors": [[5, 6], [7, 8]], "anchor_masks": [[1], [0]], "scale_anchors": False}, 3)
+    assert given.anchors == ((5, 6), (7, 8))
+
+
+def test_darknet53_at_608_decodes_published_weights_as_darknet_does():
+    """Darknet: w = exp(tw) * anchor_w / net.w in units of the input, i.e. anchor_w pixels at tw = 0, at 608 too."""
+    model = build_yolov3({"variant": "darknet53", "img_size": 608}, 80)
+    s = model.settings
+    # Coarsest scale (stride 32, a 19 x 19 grid), its anchor 2 = anchor 8 = 373 x 326, cell (row 9, col 9):
+    # centre (9.5 * 32, 9.5 * 32) = (304, 304), size = the anchor in pixels.
+    model.body = _FixedBody(_one_detection_maps(s, 0, 2, (9, 9), cls=5))
+    model.eval()
+    with torch.no_grad():
+        (det,) = model([torch.rand(3, 608, 608)])
+    assert det["labels"].tolist() == [6]
+    expected = torch.tensor([304 - 373 / 2, 304 - 326 / 2, 304 + 373 / 2, 304 + 326 / 2])
+    assert torch.allclose(det["boxes"][0], expected, atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- config
@@ -113,6 +144,8 @@ def test_anchors_are_the_published_ones_scaled_to_img_size():
         ({"nms_iou": -0.1}, "model.nms_iou"),
         ({"loss_gains": {"boxes": 1.0}}, "model.loss_gains"),
         ({"lr": 0.1}, "model.lr"),
+        ({"scale_anchors": "yes"}, "model.scale_anchors"),
+        ({"scale_anchors": True, "anchors": [[10, 10]], "anchor_masks": [[0], [0]]}, "model.scale_anchors"),
     ],
 )
 def test_bad_config_names_the_key(cfg, key):

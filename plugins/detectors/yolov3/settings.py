@@ -13,6 +13,11 @@ The three variants and their defaults:
   max-pooling, two scales (strides 32/16) and six anchors, at 416 px.
 * ``nano`` -- fedplug's CPU variant: the tiny topology with one stage fewer
   (strides 16/8) and narrow layers, at 128 px, anchors for 12-50 px objects.
+
+Anchors are in input pixels and, as in Darknet, the same at every ``img_size``
+(``yolov3.cfg`` runs at 608 px with the anchors it has at 416).
+``model.scale_anchors: true`` scales the variant's anchors by
+``img_size / anchors_at`` (416 for darknet53 and tiny, 128 for nano) instead.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-# Anchors of the published cfg files, in pixels at 416 px, smallest first.
+# Anchors of the published cfg files, in input pixels, smallest first.  Darknet uses them
+# as they are at any input size (yolov3.cfg's width=608 keeps them); they were chosen at 416.
 COCO_ANCHORS_416 = (
     (10, 13), (16, 30), (33, 23),
     (30, 61), (62, 45), (59, 119),
@@ -29,7 +35,6 @@ COCO_ANCHORS_416 = (
 TINY_ANCHORS_416 = ((10, 14), (23, 27), (37, 58), (81, 82), (135, 169), (344, 319))
 # nano: sized for the 12-50 px objects of fedplug's synthetic 128-px street scenes
 # (k-means with IoU distance over 1,300 of their boxes, rounded; mean best IoU 0.81).
-# They are *not* rescaled with img_size.
 NANO_ANCHORS = ((10, 22), (20, 18), (26, 23), (17, 37), (31, 30), (41, 39))
 
 # Which anchors each detection layer uses, in the order the network emits its
@@ -42,21 +47,21 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "strides": (32, 16, 8),
         "anchors": COCO_ANCHORS_416,
         "anchor_masks": ((6, 7, 8), (3, 4, 5), (0, 1, 2)),
-        "scale_anchors": True,
+        "anchors_at": 416,  # the input size the anchors were chosen for (model.scale_anchors)
     },
     "tiny": {
         "img_size": 416,
         "strides": (32, 16),
         "anchors": TINY_ANCHORS_416,
         "anchor_masks": ((3, 4, 5), (1, 2, 3)),
-        "scale_anchors": True,
+        "anchors_at": 416,
     },
     "nano": {
         "img_size": 128,
         "strides": (16, 8),
         "anchors": NANO_ANCHORS,
         "anchor_masks": ((3, 4, 5), (0, 1, 2)),
-        "scale_anchors": False,
+        "anchors_at": 128,
     },
 }
 
@@ -64,8 +69,8 @@ BOX_LOSSES = ("mse", "giou")
 
 # Every key of the ``model`` group this plugin understands (a typo is an error, not a silent default).
 KNOWN_KEYS = frozenset({
-    "name", "variant", "img_size", "anchors", "anchor_masks", "conf_threshold", "nms_iou",
-    "max_detections", "pre_nms_topk", "ignore_threshold", "box_loss", "loss_gains",
+    "name", "variant", "img_size", "anchors", "anchor_masks", "scale_anchors", "conf_threshold",
+    "nms_iou", "max_detections", "pre_nms_topk", "ignore_threshold", "box_loss", "loss_gains",
     "bn_momentum", "weights", "weights_cutoff", "weights_reinit_heads", "seed",
 })
 
@@ -83,6 +88,7 @@ class YOLOv3Settings:
     img_size: int = 128
     anchors: tuple[tuple[float, float], ...] = NANO_ANCHORS
     anchor_masks: tuple[tuple[int, ...], ...] = ((3, 4, 5), (0, 1, 2))
+    scale_anchors: bool = False
     strides: tuple[int, ...] = (16, 8)
     conf_threshold: float = 0.01
     nms_iou: float = 0.45
@@ -142,10 +148,10 @@ def _anchors(value: Any) -> tuple[tuple[float, float], ...]:
 def parse_settings(config: Mapping[str, Any], num_classes: int) -> YOLOv3Settings:
     """Validate the ``model`` config group and fill in the variant's defaults.
 
-    Called by ``fedplug_build_model``.  ``anchors`` of the darknet53 and tiny
-    variants are the published 416-px anchors, scaled by ``img_size / 416``
-    unless the config gives its own ``anchors`` (used as given, in pixels of
-    the ``img_size`` input).
+    Called by ``fedplug_build_model``.  ``anchors`` are the variant's own, in
+    input pixels at any ``img_size`` as in Darknet, or scaled by ``img_size /
+    anchors_at`` when ``scale_anchors`` is true; ``anchors`` given in the
+    config are used as given (pixels of the ``img_size`` input).
     """
     cfg = dict(config or {})
     unknown = sorted(set(cfg) - KNOWN_KEYS)
@@ -169,10 +175,21 @@ def parse_settings(config: Mapping[str, Any], num_classes: int) -> YOLOv3Setting
             f"model.img_size must be a multiple of {stride} for variant {variant!r}, got {img_size}"
             f" (e.g. {max(stride, img_size // stride * stride)})"
         )
+    scale_anchors = cfg.get("scale_anchors")
+    if scale_anchors is None:
+        scale_anchors = False
+    if not isinstance(scale_anchors, bool):
+        raise ConfigError(f"model.scale_anchors must be true or false, got {scale_anchors!r}")
     if cfg.get("anchors") is not None:
+        if scale_anchors:
+            raise ConfigError(
+                "model.scale_anchors=true scales the variant's own anchors, but model.anchors are given "
+                "(used as given, in input pixels): set one or the other"
+            )
         anchors = _anchors(cfg["anchors"])
-    elif spec["scale_anchors"]:
-        anchors = tuple((w * img_size / 416, h * img_size / 416) for w, h in spec["anchors"])
+    elif scale_anchors:
+        ref = spec["anchors_at"]
+        anchors = tuple((w * img_size / ref, h * img_size / ref) for w, h in spec["anchors"])
     else:
         anchors = tuple((float(w), float(h)) for w, h in spec["anchors"])
     masks = cfg.get("anchor_masks")
@@ -210,6 +227,7 @@ def parse_settings(config: Mapping[str, Any], num_classes: int) -> YOLOv3Setting
         img_size=img_size,
         anchors=anchors,
         anchor_masks=masks,
+        scale_anchors=scale_anchors,
         strides=tuple(spec["strides"]),
         conf_threshold=_number(cfg, "conf_threshold", 0.01, float, lo=0.0, hi=1.0),
         nms_iou=_number(cfg, "nms_iou", 0.45, float, lo=0.0, hi=1.0),
