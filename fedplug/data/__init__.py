@@ -35,39 +35,35 @@ import hashlib
 import json
 import logging
 import xml.etree.ElementTree as ET
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
+from fedplug.data.checks import check_case_clashes
 from fedplug.data.coco import COCODetection, coco_class_names
+from fedplug.data.config import MISSING, format_of, plain, required, resolve_path
 from fedplug.data.detection import DetectionDataset, DetectionSubset, ImageRecord
 from fedplug.data.errors import DatasetError
-from fedplug.data.partition import (
-    METHODS as PARTITION_METHODS,
-    describe_partition,
-    group_assignment,
-    partition_indices,
+from fedplug.data.images import check_on_bad_image
+from fedplug.data.layout import detect_format
+from fedplug.data.opening import (
+    CLIENT_FORMATS,
+    SHARED_TEST,
+    ClientData,
+    open_client_data,
+    open_eval_data,
+    open_split,
 )
+from fedplug.data.opening import _open_with_source
+from fedplug.data.partition import group_client_names
 from fedplug.data.street import StreetJSONDetection, street_class_names
+from fedplug.data.summary import shared_test_table, skipped_line, split_table
 from fedplug.data.synthetic import CLASSES, GENERATOR_VERSION, generate_synthetic_federation
-from fedplug.data.transforms import build_train_transforms
 from fedplug.data.voc import VOCDetection, is_voc_folder
 
 log = logging.getLogger("fedplug.data")
 
-FORMATS = ("synthetic", "voc", "street_json", "coco")
-CLIENT_FORMATS = ("voc", "street_json", "coco")
-MISSING = "???"  # OmegaConf's mark for a mandatory value
-
-
-@dataclass
-class ClientData:
-    """One client's local data: what the detector hooks train and evaluate on."""
-
-    train: Any  # DetectionDataset or DetectionSubset, with the training augmentation
-    test: Any  # never augmented
-    class_names: tuple[str, ...]
+FORMATS = ("auto", "synthetic", "voc", "street_json", "coco")
 
 
 @dataclass
@@ -78,183 +74,16 @@ class Federation:
     client_specs: list[dict]
     client_names: list[str] = field(default_factory=list)
     summary: str = ""  # each client's image and per-class object counts, ready to print
+    # The test set every client shares, as a JSON-able spec for open_eval_data, e.g.
+    # {"format": "street_json", "path": root, "split": "test", "on_bad_image": "fail"};
+    # None when each client has its own test split.  Client specs then carry test_split: None.
+    shared_test: dict | None = None
 
 
 def detection_collate(batch):
     """Batch ``(image, target)`` pairs as torchvision detectors take them: (list of images, list of targets)."""
     images, targets = zip(*batch) if batch else ((), ())
     return list(images), list(targets)
-
-
-# ---------------------------------------------------------------------------
-# Config helpers
-# ---------------------------------------------------------------------------
-
-
-def _plain(cfg: Mapping | None, what: str) -> dict:
-    """A plain dict from a Hydra/OmegaConf node or a mapping; a missing mandatory value is a clear error."""
-    if cfg is None:
-        return {}
-    try:
-        from omegaconf import DictConfig, OmegaConf
-        from omegaconf.errors import MissingMandatoryValue
-
-        if isinstance(cfg, DictConfig):
-            try:
-                return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-            except MissingMandatoryValue as exc:
-                key = getattr(exc, "full_key", None) or str(exc)
-                raise DatasetError(f"{what}: the mandatory value {key} is not set ({_hint(what)})") from None
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    if not isinstance(cfg, Mapping):
-        raise DatasetError(f"{what} must be a mapping, got {type(cfg).__name__}")
-    return dict(cfg)
-
-
-def _hint(what: str) -> str:
-    return "e.g. data=street5 data.root=/path/to/Street" if what == "data" else "e.g. {format: voc, path: /data/site1}"
-
-
-def _required(cfg: Mapping, key: str, what: str) -> Any:
-    value = cfg.get(key)
-    if value is None or value == MISSING or value == "":
-        raise DatasetError(f"{what}.{key} is not set ({_hint(what)})")
-    return value
-
-
-def _format_of(cfg: Mapping, what: str, allowed: Sequence[str]) -> str:
-    fmt = _required(cfg, "format", what)
-    if fmt not in allowed:
-        raise DatasetError(f"{what}.format is {fmt!r}; choose one of {list(allowed)}")
-    return fmt
-
-
-def _resolve(root: Path, value: str | None) -> Path | None:
-    if value is None:
-        return None
-    p = Path(value).expanduser()
-    return p if p.is_absolute() else root / p
-
-
-# ---------------------------------------------------------------------------
-# Opening one client's data
-# ---------------------------------------------------------------------------
-
-
-def _open_split(spec: Mapping, split: str, class_names, transforms, drop_difficult: bool) -> DetectionDataset:
-    fmt = spec["format"]
-    root = Path(str(_required(spec, "path", "client.data"))).expanduser()
-    if fmt == "voc":
-        name = spec.get(f"{split}_split", split)
-        return VOCDetection(root, name, class_names, transforms, drop_difficult=drop_difficult)
-    if fmt == "street_json":
-        name = spec.get(f"{split}_split", split)
-        return StreetJSONDetection(
-            root, name, class_names, transforms, images_dir=spec.get("images_dir"), drop_difficult=drop_difficult
-        )
-    # coco
-    if not root.is_dir():
-        raise DatasetError(f"COCO dataset folder {root} does not exist (data.root / client.data.path)")
-    ann = _resolve(root, _required(spec, f"{split}_ann", "client.data"))
-    images = _resolve(root, spec.get(f"{split}_images")) or root
-    return COCODetection(ann, images, class_names, transforms, drop_difficult=drop_difficult)
-
-
-def _partition_block(spec: Mapping) -> dict | None:
-    part = spec.get("partition")
-    if not part:
-        return None
-    part = dict(part)
-    method = part.get("method", "iid")
-    if method not in PARTITION_METHODS:
-        raise DatasetError(f"partition.method is {method!r}; choose one of {list(PARTITION_METHODS)}")
-    for key in ("num_clients", "client_index"):
-        if not isinstance(part.get(key), int):
-            raise DatasetError(f"client.data.partition.{key} must be an integer, got {part.get(key)!r}")
-    if not 0 <= part["client_index"] < part["num_clients"]:
-        raise DatasetError(
-            f"client.data.partition.client_index {part['client_index']} is outside 0..{part['num_clients'] - 1}"
-        )
-    if method == "group" and not part.get("group_key"):
-        raise DatasetError("partition.method=group needs partition.group_key (e.g. device1_id)")
-    part["method"] = method
-    return part
-
-
-def _split_parts(part: Mapping, train: DetectionDataset, test: DetectionDataset) -> tuple[list, list]:
-    """Every client's train and test indices under the partition ``part`` (consistent across splits)."""
-    n = part["num_clients"]
-    common = dict(alpha=float(part.get("alpha", 0.5)), seed=int(part.get("seed", 0)), min_size=int(part.get("min_size", 1)))
-    if part["method"] == "group":
-        key = part["group_key"]
-        train_keys, test_keys = train.group_keys(key), test.group_keys(key)
-        assignment = group_assignment(Counter(train_keys) + Counter(test_keys), n)
-        extra = dict(group_keys=None, group_assignment_map=assignment)
-        return (
-            partition_indices("group", n, [], len(train.class_names), **dict(extra, group_keys=train_keys)),
-            partition_indices("group", n, [], len(test.class_names), **dict(extra, group_keys=test_keys)),
-        )
-    k = len(train.class_names)
-    labels_of = lambda ds: [ds.image_labels(i) for i in range(len(ds))]  # noqa: E731
-    test_common = dict(common, min_size=0)  # a client may hold no test image; it must hold training data
-    return (
-        partition_indices(part["method"], n, labels_of(train), k, **common),
-        partition_indices(part["method"], n, labels_of(test), k, **test_common),
-    )
-
-
-def open_client_data(
-    spec: Mapping, class_names: Sequence[str], augment: Mapping | None = None
-) -> ClientData:
-    """Open one client's train and test splits as described by ``spec``.
-
-    Called by a client after ``init`` (the server's ``class_names``), before
-    it answers ``client_ready``, so a bad dataset fails before training starts.
-
-    :param spec: a client spec (see the module docstring); ``client.data`` in
-        ``mode=client``, one of :attr:`Federation.client_specs` in ``mode=embedded``.
-    :param class_names: the run's classes, without background, in label order.
-    :param augment: training augmentation config (``data.augment``), e.g.
-        ``{"hflip": 0.5, "scale_jitter": [0.9, 1.1]}``; ``None`` uses
-        ``spec["augment"]`` if present, else none.  Never applied to ``test``.
-    :raises DatasetError: missing or malformed data, naming the path and what was expected.
-    """
-    return _open_client_data(spec, class_names, augment, cache=None)
-
-
-def _open_client_data(spec: Mapping, class_names: Sequence[str], augment: Mapping | None, cache: dict | None) -> ClientData:
-    """:func:`open_client_data`, sharing parsed datasets and partitions through ``cache`` when given.
-
-    :func:`prepare_federation` opens every client of one partitioned dataset;
-    the cache makes that one parse and one partition instead of one per client.
-    """
-    spec = _plain(spec, "client.data")
-    _format_of(spec, "client.data", CLIENT_FORMATS)
-    class_names = tuple(str(c) for c in class_names)
-    transforms = build_train_transforms(augment if augment is not None else spec.get("augment"))
-    drop = bool(spec.get("drop_difficult_train", False))
-    part = _partition_block(spec)
-    key = None
-    if cache is not None:
-        shared = {k: v for k, v in spec.items() if k not in ("name", "augment")}
-        if part is not None:
-            shared["partition"] = {k: v for k, v in part.items() if k != "client_index"}
-        key = (json.dumps(shared, sort_keys=True, default=str), class_names)
-    if key is not None and key in cache:
-        train, test, parts = cache[key]
-    else:
-        train = _open_split(spec, "train", class_names, transforms, drop)
-        test = _open_split(spec, "test", class_names, None, False)
-        parts = _split_parts(part, train, test) if part is not None else None
-        if key is not None:
-            cache[key] = (train, test, parts)
-    if parts is not None:
-        k = part["client_index"]
-        train, test = DetectionSubset(train, parts[0][k]), DetectionSubset(test, parts[1][k])
-    if len(train) == 0:
-        raise DatasetError(f"{train.source}: this client has no training image (check the split file or partition)")
-    return ClientData(train=train, test=test, class_names=class_names)
 
 
 # ---------------------------------------------------------------------------
@@ -278,7 +107,8 @@ def _voc_client_folders(root: Path, clients: Sequence[str] | None) -> list[Path]
     if not folders:
         raise DatasetError(
             f"no client VOC folders under data.root {root}: expected <client>/Annotations and "
-            "<client>/ImageSets/Main in each client's folder"
+            "<client>/ImageSets/Main in each client's folder (for the Street JSON release, "
+            "train_label.json and test_label.json, use data.format=street_json or auto)"
         )
     return folders
 
@@ -295,7 +125,16 @@ def _voc_class_names(root: Path) -> tuple[str, ...]:
     names.discard("")
     if not names:
         raise DatasetError(f"no object classes found in the annotations under {root}: set data.classes")
+    check_case_clashes(names, f"the VOC annotations under {root}")
     return tuple(sorted(names))
+
+
+def _with_format(cfg: dict) -> dict:
+    """``cfg`` with ``format: auto`` replaced by the format ``data.root`` holds (:func:`~fedplug.data.layout.detect_format`)."""
+    if format_of(cfg, "data", FORMATS) != "auto":
+        return cfg
+    root = Path(str(required(cfg, "root", "data"))).expanduser()
+    return dict(cfg, format=detect_format(root))
 
 
 def class_names_of(data_cfg: Mapping) -> tuple[str, ...]:
@@ -303,10 +142,12 @@ def class_names_of(data_cfg: Mapping) -> tuple[str, ...]:
 
     ``data.classes`` when set; otherwise read from the data (synthetic: its
     default classes; VOC: every ``<name>`` under ``data.root``, sorted; Street
-    JSON: every item class, sorted; COCO: categories in id order).  Called by
-    the server at start-up; the list travels to clients in ``init``.
+    JSON: every item class, sorted; COCO: categories in id order; ``auto``:
+    whichever of VOC / Street JSON ``data.root`` holds).  Names read from the
+    data that differ only in case are an error.  Called by the server at
+    start-up; the list travels to clients in ``init``.
     """
-    cfg = _plain(data_cfg, "data")
+    cfg = plain(data_cfg, "data")
     classes = cfg.get("classes")
     if classes and classes != MISSING:
         if isinstance(classes, str):
@@ -315,15 +156,16 @@ def class_names_of(data_cfg: Mapping) -> tuple[str, ...]:
         if len(set(names)) != len(names):
             raise DatasetError(f"data.classes has duplicates: {list(names)}")
         return names
-    fmt = _format_of(cfg, "data", FORMATS)
-    if fmt == "synthetic":
+    if format_of(cfg, "data", FORMATS) == "synthetic":
         return CLASSES
-    root = Path(str(_required(cfg, "root", "data"))).expanduser()
+    cfg = _with_format(cfg)
+    fmt = cfg["format"]
+    root = Path(str(required(cfg, "root", "data"))).expanduser()
     if fmt == "voc":
         return _voc_class_names(root)
     if fmt == "street_json":
         return street_class_names(root)
-    return coco_class_names(_resolve(root, _required(cfg, "train_ann", "data")))
+    return coco_class_names(resolve_path(root, required(cfg, "train_ann", "data")))
 
 
 def _synthetic_root(cfg: Mapping, params: Mapping) -> Path:
@@ -334,7 +176,7 @@ def _synthetic_root(cfg: Mapping, params: Mapping) -> Path:
         f"{params['num_clients']}cams-{params['train_per_client']}x{params['test_per_client']}"
         f"-{params['image_size']}px-seed{params['seed']}-{digest}"
     )
-    return Path(str(_required(cfg, "root", "data"))).expanduser() / name
+    return Path(str(required(cfg, "root", "data"))).expanduser() / name
 
 
 def _common_spec(cfg: Mapping) -> dict:
@@ -342,6 +184,8 @@ def _common_spec(cfg: Mapping) -> dict:
         "train_split": cfg.get("train_split", "train"),
         "test_split": cfg.get("test_split", "test"),
         "drop_difficult_train": bool(cfg.get("drop_difficult_train", False)),
+        # in every spec, so a client process skips (or refuses) unreadable images as the launcher did
+        "on_bad_image": check_on_bad_image(cfg.get("on_bad_image"), "data.on_bad_image"),
     }
     if cfg.get("augment"):
         spec["augment"] = dict(cfg["augment"])
@@ -356,10 +200,19 @@ def _partitioned_specs(cfg: Mapping, base: dict, num_clients: int | None, defaul
     if num_clients is None:
         if part["method"] != "group":
             raise DatasetError("run.num_clients must be set to split one dataset among clients")
-        probe = _open_split(base, "train", class_names_of(cfg), None, False)
+        probe = open_split(base, "train", class_names_of(cfg), None, False)
         num_clients = len(set(probe.group_keys(part["group_key"])))
     part = {k: v for k, v in part.items() if v is not None}
     return [dict(base, partition=dict(part, num_clients=num_clients, client_index=k)) for k in range(num_clients)]
+
+
+def _shared_test_spec(spec: Mapping) -> dict:
+    """The JSON-able spec of a shared test set, for :func:`open_eval_data` (no training or partition keys)."""
+    dropped = ("partition", "name", "augment", "drop_difficult_train", "train_split", "train_ann", "train_images",
+               "test_split")
+    shared = {k: v for k, v in spec.items() if k not in dropped}
+    shared["split"] = spec.get("test_split", "test") if spec["format"] != "coco" else "test"
+    return shared
 
 
 def prepare_federation(data_cfg: Mapping, num_clients: int | None) -> Federation:
@@ -368,6 +221,9 @@ def prepare_federation(data_cfg: Mapping, num_clients: int | None) -> Federation
     Called once by the launcher before it starts the server and the client
     processes.  ``data.format`` decides:
 
+    - ``auto`` (the Street configs): ``street_json`` if ``data.root`` holds
+      ``train_label.json``, ``voc`` if it holds VOC folders, else an error
+      naming both layouts;
     - ``synthetic``: generate (or reuse) ``num_clients`` camera folders under
       ``data.root`` and return one ``voc`` spec per camera;
     - ``voc``: one spec per client VOC folder under ``data.root`` (or those
@@ -375,17 +231,22 @@ def prepare_federation(data_cfg: Mapping, num_clients: int | None) -> Federation
       it is shared out by ``data.partition`` (IID by default);
     - ``street_json``: split the Street JSON release by ``data.split_key``
       (``device1_id``: 5 clients, ``device2_id``: 20), or by ``data.partition``;
+      clients are named after their device (``device_3``).  A test file whose
+      entries carry no ``split_key`` (the release as distributed) is one
+      shared test set: it is not split, every client spec gets
+      ``test_split: None`` and :attr:`Federation.shared_test` describes it;
     - ``coco``: split the COCO files by ``data.partition`` (Dirichlet by default).
 
-    Every client's data is opened once here, so a missing or malformed dataset
-    fails at start-up; the result's ``summary`` tabulates each client's class counts.
+    Every client's data is opened once here (annotations parsed, every image
+    decode-checked), so a missing or malformed dataset fails at start-up; the
+    result's ``summary`` tabulates each client's class counts as used.
 
     :param num_clients: ``run.num_clients``; ``None`` means as many as the data
         defines (client folders, or group values).  A mismatch with the
         folders found is an error saying which number to use.
     """
-    cfg = _plain(data_cfg, "data")
-    fmt = _format_of(cfg, "data", FORMATS)
+    cfg = _with_format(plain(data_cfg, "data"))
+    fmt = cfg["format"]
     class_names = class_names_of(cfg)
     base = _common_spec(cfg)
 
@@ -406,7 +267,7 @@ def prepare_federation(data_cfg: Mapping, num_clients: int | None) -> Federation
         folders = generate_synthetic_federation(_synthetic_root(cfg, params), **gen)
         specs = [dict(base, format="voc", path=str(f), train_split="train", test_split="test") for f in folders]
     elif fmt == "voc":
-        root = Path(str(_required(cfg, "root", "data"))).expanduser()
+        root = Path(str(required(cfg, "root", "data"))).expanduser()
         base = dict(base, format="voc", path=str(root))
         if is_voc_folder(root) and not cfg.get("clients"):
             folders = []
@@ -421,14 +282,14 @@ def prepare_federation(data_cfg: Mapping, num_clients: int | None) -> Federation
                 )
             specs = [dict(base, path=str(f)) for f in folders]
     elif fmt == "street_json":
-        root = str(_required(cfg, "root", "data"))
+        root = str(required(cfg, "root", "data"))
         base = dict(base, format="street_json", path=root)
         if cfg.get("images_dir"):
             base["images_dir"] = str(cfg["images_dir"])
         folders = []
         specs = _partitioned_specs(cfg, base, num_clients, "group")
     else:  # coco
-        root = str(_required(cfg, "root", "data"))
+        root = str(required(cfg, "root", "data"))
         base = dict(base, format="coco", path=root)
         for key in ("train_ann", "test_ann", "train_images", "test_images"):
             if cfg.get(key) is not None:
@@ -436,27 +297,46 @@ def prepare_federation(data_cfg: Mapping, num_clients: int | None) -> Federation
         folders = []
         specs = _partitioned_specs(cfg, base, num_clients, "dirichlet")
 
-    names = [f.name for f in folders] if folders else [f"client_{k}" for k in range(len(specs))]
+    # Open (and so check) every client's data once; partitioned clients share one parse.
+    cache: dict = {}
+    opened, sources = zip(*(_open_with_source(spec, class_names, {}, cache) for spec in specs))
+    shared = sources[0].shared_test
+    shared_test = None
+    if shared is not None:
+        shared_test = _shared_test_spec(specs[0])
+        for spec in specs:
+            spec["test_split"] = SHARED_TEST  # the client opens no test split: the server evaluates the shared one
+    part = specs[0].get("partition")
+    if folders:
+        names = [f.name for f in folders]
+    elif part and part["method"] == "group" and sources[0].assignment is not None:
+        names = group_client_names(part["group_key"], sources[0].assignment, len(specs))
+    else:
+        names = [f"client_{k}" for k in range(len(specs))]
     for spec, name in zip(specs, names):
         spec["name"] = name
-    summary = _summarise(specs, class_names, names)
+    summary = _summarise(opened, sources, names, class_names, shared)
     log.info("data: %d clients, classes %s\n%s", len(specs), list(class_names), summary)
-    return Federation(class_names=class_names, client_specs=specs, client_names=names, summary=summary)
+    return Federation(class_names=class_names, client_specs=specs, client_names=names, summary=summary,
+                      shared_test=shared_test)
 
 
-def _summarise(specs: Sequence[dict], class_names: tuple[str, ...], names: Sequence[str]) -> str:
-    """Open every client's data (checking it) and tabulate its class counts per split."""
-    cache: dict = {}
-    opened = [_open_client_data(spec, class_names, {}, cache) for spec in specs]
-    tables = []
+def _summarise(opened, sources, names, class_names, shared) -> str:
+    """Tabulate every client's class counts per split (the shared test set once), and the skipped images."""
+    lines = []
+    distinct = list({id(s): s for s in sources}.values())
     for split in ("train", "test"):
-        labels, parts = [], []
-        for data in opened:
-            ds = getattr(data, split)
-            parts.append(list(range(len(labels), len(labels) + len(ds))))
-            labels.extend(ds.image_labels(i) for i in range(len(ds)))
-        tables.append(f"{split} split (objects per class):\n" + describe_partition(labels, parts, class_names, names))
-    return "\n".join(tables)
+        if split == "test" and shared is not None:
+            lines.append(shared_test_table(shared, class_names))
+            continue
+        datasets = [getattr(data, split) for data in opened]
+        lines.append(split_table(datasets, names, class_names, split))
+        parents = [getattr(s, split) for s in distinct if getattr(s, split) is not None]
+        unattributed = sum(len(p.skipped) for p in parents) - sum(len(getattr(d, "skipped", ())) for d in datasets)
+        line = skipped_line(datasets, names, split, max(0, unattributed))
+        if line:
+            lines.append(line)
+    return "\n".join(lines)
 
 
 __all__ = [
@@ -474,5 +354,6 @@ __all__ = [
     "detection_collate",
     "generate_synthetic_federation",
     "open_client_data",
+    "open_eval_data",
     "prepare_federation",
 ]

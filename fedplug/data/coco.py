@@ -27,6 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
+from fedplug.data.checks import box_numbers, case_hint, check_case_clashes
 from fedplug.data.detection import DetectionDataset, ImageRecord, Transform, drop_degenerate, warn_dropped
 from fedplug.data.errors import DatasetError
 
@@ -35,7 +36,7 @@ def read_coco(ann_file: Path) -> dict:
     if not ann_file.is_file():
         raise DatasetError(f"COCO annotation file {ann_file} is missing: expected a COCO instances JSON there")
     try:
-        data = json.loads(ann_file.read_text(encoding="utf-8"))
+        data = json.loads(ann_file.read_text(encoding="utf-8-sig"))  # -sig: tolerate a byte-order mark
     except (OSError, ValueError) as exc:
         raise DatasetError(f"COCO annotation file {ann_file} is not readable JSON: {exc}") from exc
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "categories")):
@@ -46,9 +47,11 @@ def read_coco(ann_file: Path) -> dict:
 
 
 def coco_class_names(ann_file: str | os.PathLike) -> tuple[str, ...]:
-    """Category names in category-id order: label ``k`` is the ``k``-th."""
+    """Category names in category-id order: label ``k`` is the ``k``-th.  Names differing only in case are an error."""
     data = read_coco(Path(ann_file).expanduser())
-    return tuple(str(c["name"]) for c in sorted(data["categories"], key=lambda c: c["id"]))
+    names = tuple(str(c["name"]) for c in sorted(data["categories"], key=lambda c: c["id"]))
+    check_case_clashes(names, f"COCO annotation file {ann_file}")
+    return names
 
 
 class COCODetection(DetectionDataset):
@@ -67,6 +70,7 @@ class COCODetection(DetectionDataset):
         class_names: Sequence[str] | None = None,
         transforms: Transform | None = None,
         drop_difficult: bool = False,
+        on_bad_image: str = "fail",
     ) -> None:
         self.ann_file = Path(ann_file).expanduser()
         self.images_dir = Path(images_dir).expanduser()
@@ -74,15 +78,17 @@ class COCODetection(DetectionDataset):
         categories = sorted(data["categories"], key=lambda c: c["id"])
         if class_names is None:
             class_names = [str(c["name"]) for c in categories]
-        super().__init__(class_names, transforms)
+        super().__init__(class_names, transforms, on_bad_image)
         self.source = f"COCO annotation file {self.ann_file}"
+        self.objects_hint = "its 'annotations' list names none of its images"
         position = {name: k + 1 for k, name in enumerate(self.class_names)}
         label_of_category = {}
         for cat in categories:
             if str(cat.get("name")) not in position:
                 raise DatasetError(
                     f"COCO annotation file {self.ann_file}: category {cat.get('name')!r} (id {cat.get('id')}) "
-                    f"is not one of the run's classes {list(self.class_names)}: add it to data.classes"
+                    f"is not one of the run's classes {list(self.class_names)}"
+                    f"{case_hint(str(cat.get('name')), self.class_names)}: add it to data.classes"
                 )
             label_of_category[cat["id"]] = position[str(cat["name"])]
         if not self.images_dir.is_dir():
@@ -102,10 +108,10 @@ class COCODetection(DetectionDataset):
             if not path.is_file():
                 raise DatasetError(f"COCO annotation file {self.ann_file}: image {img.get('id')} file {path} is missing")
             anns = by_image[img["id"]]
-            try:
-                xywh = np.asarray([a["bbox"] for a in anns], np.float32).reshape(-1, 4)
-            except (KeyError, ValueError, TypeError):
-                raise DatasetError(f"COCO annotation file {self.ann_file}: image {img['id']} has an annotation without a numeric bbox [x, y, w, h]") from None
+            where = f"COCO annotation file {self.ann_file}: image {img['id']}"
+            if any("bbox" not in a for a in anns):
+                raise DatasetError(f"{where} has an annotation without a numeric bbox [x, y, w, h]")
+            xywh = np.asarray([box_numbers(a["bbox"], where, "[x, y, w, h]") for a in anns], np.float32).reshape(-1, 4)
             boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
             labels = np.asarray([label_of_category[a["category_id"]] for a in anns], np.int64)
             difficult = np.asarray([bool(a.get("iscrowd", 0)) for a in anns], bool)

@@ -28,9 +28,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
+from fedplug.data.checks import fit_boxes_to_images
 from fedplug.data.errors import DatasetError
+from fedplug.data.images import check_images, check_on_bad_image, load_rgb
+from fedplug.data.partition import check_group_values
 
 Transform = Callable[[torch.Tensor, dict], "tuple[torch.Tensor, dict]"]
 
@@ -63,16 +65,6 @@ def warn_dropped(dropped: Sequence[str], where: str) -> None:
         warnings.warn(f"{where}: dropped {len(dropped)} degenerate box(es) with zero width or height: {shown}")
 
 
-def load_rgb(path: Path) -> torch.Tensor:
-    """Decode an image file as a float32 ``[3, H, W]`` tensor in ``[0, 1]``."""
-    try:
-        with Image.open(path) as img:
-            array = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"cannot read image {path}: {exc}") from exc
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
-
-
 class DetectionDataset(torch.utils.data.Dataset):
     """A map-style detection dataset over parsed :class:`ImageRecord` s.
 
@@ -83,18 +75,41 @@ class DetectionDataset(torch.utils.data.Dataset):
         means ``class_names[k - 1]``.
     :param transforms: ``f(image, target) -> (image, target)``, e.g. the
         training augmentation of :mod:`fedplug.data.transforms`.
+    :param on_bad_image: ``fail`` (an image that does not decode is a
+        :class:`DatasetError`) or ``skip`` (it is left out, with one warning,
+        and listed in :attr:`skipped`).
     """
 
-    def __init__(self, class_names: Sequence[str], transforms: Transform | None = None) -> None:
+    def __init__(
+        self, class_names: Sequence[str], transforms: Transform | None = None, on_bad_image: str = "fail"
+    ) -> None:
         self.class_names: tuple[str, ...] = tuple(str(c) for c in class_names)
         if not self.class_names or len(set(self.class_names)) != len(self.class_names):
             raise DatasetError(f"class names must be non-empty and unique, got {list(class_names)}")
         self.transforms = transforms
+        self.on_bad_image = check_on_bad_image(on_bad_image)
         self.records: list[ImageRecord] = []
+        self.skipped: list[ImageRecord] = []  # images left out because they do not decode (on_bad_image=skip)
         self.source = type(self).__name__  # where the data came from, for error messages
+        self.objects_hint = ""  # why a split may hold no object, format by format (for the "no objects" error)
+
+    @classmethod
+    def empty(cls, class_names: Sequence[str], source: str) -> "DetectionDataset":
+        """A dataset with no image, e.g. a client's local test split when the test set is shared."""
+        ds = DetectionDataset(class_names)
+        ds.source = source
+        return ds
 
     def _set_records(self, records: list[ImageRecord]) -> None:
-        self.records = records
+        """Keep the parsed records whose image decodes, with their boxes fitted to the image.
+
+        Done here, for every format, so unreadable images fail (or are skipped)
+        at start-up and every count taken from the dataset is what is used.
+        """
+        sizes, _ = check_images([r.path for r in records], self.on_bad_image, self.source)
+        self.records = [r for r, size in zip(records, sizes) if size is not None]
+        self.skipped = [r for r, size in zip(records, sizes) if size is None]
+        fit_boxes_to_images(self.records, [size for size in sizes if size is not None], self.source)
 
     # -- annotations, no pixels ------------------------------------------------
 
@@ -127,7 +142,13 @@ class DetectionDataset(torch.utils.data.Dataset):
                 f"{self.source}: {len(missing)} image(s) have no group key {key!r} (first: {missing[0]!r}); "
                 f"keys present: {present or 'none'} (partition.group_key)"
             )
-        return [r.groups[key] for r in self.records]
+        values = [r.groups[key] for r in self.records]
+        check_group_values(values, [r.name for r in self.records], key, self.source)
+        return values
+
+    def has_group_key(self, key: str) -> bool:
+        """Whether any image carries the per-image field ``key`` (a shared test set carries no device id)."""
+        return any(key in r.groups for r in self.records)
 
     def class_counts(self) -> np.ndarray:
         """Objects per class, ``int64 [K]`` (index ``k - 1`` counts label ``k``)."""
@@ -179,11 +200,14 @@ class DetectionSubset(torch.utils.data.Dataset):
     ``image_id`` stays the parent's index, so it is unique within the parent.
     """
 
-    def __init__(self, dataset: DetectionDataset, indices: Sequence[int]) -> None:
+    def __init__(
+        self, dataset: DetectionDataset, indices: Sequence[int], skipped: Sequence[ImageRecord] = ()
+    ) -> None:
         self.dataset = dataset
         self.indices = [int(i) for i in indices]
         self.class_names = dataset.class_names
         self.source = dataset.source
+        self.skipped = list(skipped)  # the parent's unreadable images that belonged to this share
 
     def __len__(self) -> int:
         return len(self.indices)

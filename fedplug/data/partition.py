@@ -15,6 +15,7 @@ training images.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Any, Hashable, Mapping, Sequence
 
@@ -99,14 +100,59 @@ def _top_up(parts: list[list[int]], min_size: int, rng: np.random.Generator) -> 
             parts[client].append(parts[donor].pop(int(rng.integers(len(parts[donor])))))
 
 
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return "number"
+    return "string" if isinstance(value, str) else type(value).__name__
+
+
+def _article(kind: str) -> str:
+    return kind if kind == "null" else f"a {kind}"
+
+
+def check_group_values(
+    values: Sequence[Any], names: Sequence[str] | None = None, key: str = "group key", source: str = ""
+) -> None:
+    """Refuse group values that would silently reshape the group-to-client mapping.
+
+    A ``null`` device id, or a string such as ``"3"`` among integers, is one
+    more group: with as many groups as clients it shifts every later camera
+    to another client, and ``3`` and ``"3"`` split one camera between two.
+    The message names the images (their ids) and the offending values.
+    """
+    names = list(names) if names is not None else [f"image {i}" for i in range(len(values))]
+    kinds = Counter(_kind(v) for v in values)
+    bad_kinds = {"null"} if "null" in kinds else set()
+    rest = [k for k in kinds if k != "null"]
+    if len(rest) > 1:
+        majority = max(rest, key=lambda k: (kinds[k], k == "number"))
+        bad_kinds |= {k for k in rest if k != majority}
+    if not bad_kinds:
+        return
+    bad = [(n, v) for n, v in zip(names, values) if _kind(v) in bad_kinds]
+    shown = ", ".join(f"{n!r}: {v!r}" for n, v in bad[:5]) + (f", ... ({len(bad) - 5} more)" if len(bad) > 5 else "")
+    usual = ", ".join(sorted(k for k in rest if k not in bad_kinds)) or "none"
+    where = f"{source}: " if source else ""
+    raise DatasetError(
+        f"{where}{len(bad)} image(s) have a {key} that is {' or '.join(_article(k) for k in sorted(bad_kinds))} while the others are "
+        f"{usual}s: {shown}. Every image needs a {key} of the same kind (e.g. all integers) so each camera "
+        "goes to exactly one client; fix those entries"
+    )
+
+
 def group_assignment(group_sizes: Mapping[Hashable, int], num_clients: int) -> dict[Hashable, int]:
     """Map each group value (camera, device id, ...) to a client.
 
     With as many groups as clients, the ``k``-th group in sorted order goes to
     client ``k``.  With more groups, the largest groups are placed first, each on
     the client holding the fewest images so far (balanced, deterministic).
+    ``null`` values or values of mixed kinds (``3`` beside ``"3"``) are an
+    error (:func:`check_group_values`), never a silent remapping.
     """
     _check_clients(num_clients)
+    check_group_values(list(group_sizes), [f"group {v!r}" for v in group_sizes])
     values = sorted(group_sizes, key=_sort_key)
     if len(values) < num_clients:
         raise DatasetError(
@@ -122,6 +168,26 @@ def group_assignment(group_sizes: Mapping[Hashable, int], num_clients: int) -> d
         assignment[v] = client
         load[client] += group_sizes[v]
     return assignment
+
+
+def group_client_names(key: str, assignment: Mapping[Hashable, int], num_clients: int) -> list[str]:
+    """Client names after the groups they hold: ``device_3`` for ``device1_id`` 3, ``device_1-5`` for two devices.
+
+    The prefix is the key without a trailing ``<digits>_id`` / ``_id``
+    (``device1_id``, ``device2_id`` -> ``device``; ``camera_id`` -> ``camera``;
+    ``location`` stays).  Names are made safe for a command line and a file
+    name (letters, digits, ``_ . -``) and unique.
+    """
+    prefix = re.sub(r"\d*_id$", "", key) or key
+    held: list[list] = [[] for _ in range(num_clients)]
+    for value, client in assignment.items():
+        held[client].append(value)
+    names: list[str] = []
+    for k, values in enumerate(held):
+        label = "-".join(re.sub(r"[^A-Za-z0-9_.]", "_", str(v)) for v in sorted(values, key=_sort_key))
+        name = f"{prefix}_{label}" if label else f"client_{k}"
+        names.append(name if name not in names else f"{name}_{k}")
+    return names
 
 
 def group_partition(

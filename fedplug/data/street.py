@@ -13,9 +13,15 @@ specs (``data=street5 data.format=street_json``).  Expected layout:
 
 ``device1_id`` is the 5-way split by camera (Street-5), ``device2_id`` the
 20-way split (Street-20); both are kept per image as group keys, which the
-``group`` partition uses to give each client its cameras.  ``bbox`` values are
-taken as continuous pixel coordinates ``x0, y0, x1, y1`` (no 1-based shift);
-an item may carry ``"difficult": 1``.
+``group`` partition uses to give each client its cameras.  As distributed,
+``test_label.json`` carries no device ids: it is one test set shared by every
+client (see :func:`fedplug.data.prepare_federation`).  ``bbox`` values are
+taken as continuous pixel coordinates ``x0, y0, x1, y1`` (no 1-based shift)
+and must be 4 finite JSON numbers; an item may carry ``"difficult": 1``.
+
+An entry without ``items`` is an image with no object, unless it carries
+another list of ``{class, bbox}`` objects (``objects``, ``item``, ...): that is
+a misspelt key and an error, not a silently empty image.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
+from fedplug.data.checks import box_numbers, case_hint, check_case_clashes
 from fedplug.data.detection import DetectionDataset, ImageRecord, Transform, drop_degenerate, warn_dropped
 from fedplug.data.errors import DatasetError
 
@@ -45,7 +52,7 @@ def read_street_labels(path: Path) -> list[dict]:
     if not path.is_file():
         raise DatasetError(f"Street label file {path} is missing: expected {LAYOUT}")
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: tolerate a byte-order mark
     except (OSError, ValueError) as exc:
         raise DatasetError(f"Street label file {path} is not readable JSON: {exc}") from exc
     if not isinstance(records, list):
@@ -59,7 +66,23 @@ def read_street_labels(path: Path) -> list[dict]:
                 f"Street label file {path}, entry {n}: expected {{image_id, device1_id, device2_id, "
                 f"items: [{{class, bbox}}]}}, found {str(rec)[:200]}"
             )
+        if "items" not in rec:
+            misspelt = [k for k, v in rec.items() if _looks_like_items(v)]
+            if misspelt:
+                raise DatasetError(
+                    f"Street label file {path}, entry {n} (image_id {rec['image_id']!r}): the objects are under "
+                    f"{misspelt[0]!r}, but the key must be 'items' ([{{class, bbox}}, ...]); rename it"
+                )
     return records
+
+
+def _looks_like_items(value) -> bool:
+    return isinstance(value, list) and any(isinstance(v, dict) and ("bbox" in v or "class" in v) for v in value)
+
+
+def entry_keys(entries: Sequence[dict]) -> list[str]:
+    """Every key used by the entries, sorted: what an error shows when ``items`` is missing."""
+    return sorted({k for e in entries for k in e})
 
 
 def find_images_dir(root: Path, images_dir: str | None) -> Path:
@@ -98,8 +121,9 @@ class StreetJSONDetection(DetectionDataset):
         transforms: Transform | None = None,
         images_dir: str | None = None,
         drop_difficult: bool = False,
+        on_bad_image: str = "fail",
     ) -> None:
-        super().__init__(class_names, transforms)
+        super().__init__(class_names, transforms, on_bad_image)
         self.root = Path(root).expanduser()
         self.split = split
         if not self.root.is_dir():
@@ -118,15 +142,12 @@ class StreetJSONDetection(DetectionDataset):
                 if name not in class_index:
                     raise DatasetError(
                         f"{path}, image {image_id!r}: class {name!r} is not one of the run's classes "
-                        f"{list(self.class_names)}: add it to data.classes (or fix the label file)"
+                        f"{list(self.class_names)}{case_hint(name, self.class_names)}: add it to data.classes "
+                        "(or fix the label file)"
                     )
-                try:
-                    x0, y0, x1, y1 = (float(v) for v in item["bbox"])
-                except (KeyError, TypeError, ValueError):
-                    raise DatasetError(
-                        f"{path}, image {image_id!r}: item {item!r} needs bbox [xmin, ymin, xmax, ymax]"
-                    ) from None
-                boxes.append([x0, y0, x1, y1])
+                if "bbox" not in item:
+                    raise DatasetError(f"{path}, image {image_id!r}: item {item!r} needs bbox [xmin, ymin, xmax, ymax]")
+                boxes.append(box_numbers(item["bbox"], f"{path}, image {image_id!r}"))
                 labels.append(class_index[name])
                 difficult.append(bool(item.get("difficult", 0)))
             image_path = _image_path(images, image_id)
@@ -146,20 +167,35 @@ class StreetJSONDetection(DetectionDataset):
                 record.boxes, record.labels, record.difficult = record.boxes[keep], record.labels[keep], record.difficult[keep]
             records.append(drop_degenerate(record, f"{path} image {image_id!r}", dropped))
         warn_dropped(dropped, f"Street label file {path}")
+        keys = entry_keys(entries)
+        self.objects_hint = (
+            f"every entry's 'items' list is empty" if "items" in keys else
+            f"no entry has the key 'items' (the entries have keys {keys}): each entry's objects must be under "
+            "'items': [{class, bbox}, ...]"
+        )
         self._set_records(records)
 
 
 def street_class_names(root: str | os.PathLike) -> tuple[str, ...]:
-    """Every class named in the label files under ``root``, sorted (when data.classes is not set)."""
+    """Every class named in the label files under ``root``, sorted (when data.classes is not set).
+
+    Names that differ only in case (``Buoy`` beside ``buoy``) are an error.
+    """
     root = Path(root).expanduser()
     names: set[str] = set()
+    keys: list[str] = []
     for split in ("train", "test"):
         path = label_file(root, split)
         if path.is_file():
-            for entry in read_street_labels(path):
-                names.update(str(item.get("class")) for item in entry.get("items", []))
+            entries = read_street_labels(path)
+            keys = keys or entry_keys(entries)
+            names.update(str(item.get("class")) for e in entries for item in e.get("items", []) if isinstance(item, dict))
     if not names:
-        raise DatasetError(f"no classes found under {root}: expected {LAYOUT}, or set data.classes")
+        raise DatasetError(
+            f"no classes found under {root}: expected {LAYOUT} with objects under each entry's 'items' "
+            f"(the entries have keys {keys or 'none'}), or set data.classes"
+        )
+    check_case_clashes(names, f"Street label files under {root}")
     return tuple(sorted(names))
 
 

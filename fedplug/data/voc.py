@@ -13,7 +13,9 @@ Coordinates: VOC stores 1-based, inclusive pixel indices.  They become
 continuous 0-based ``x0, y0, x1, y1`` by subtracting 1 from ``xmin`` and
 ``ymin`` only (detectron2's convention), so a box whose ``xmin = xmax`` is one
 pixel wide, not empty; a box with ``xmax < xmin`` is degenerate and dropped
-with a warning.
+with a warning.  Boxes beyond the image are clipped, or dropped when wholly
+outside, with a warning (:mod:`fedplug.data.checks`).  Split files may start
+with a UTF-8 byte-order mark.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
+from fedplug.data.checks import case_hint, finite_coordinate
 from fedplug.data.detection import DetectionDataset, ImageRecord, Transform, drop_degenerate, warn_dropped
 from fedplug.data.errors import DatasetError
 
@@ -47,7 +50,9 @@ def read_split_ids(root: Path, split: str) -> list[str]:
             f"(splits present: {present or 'none'})"
         )
     ids = []
-    for line in split_file.read_text(encoding="utf-8", errors="replace").splitlines():
+    # utf-8-sig: split files written on Windows often start with a byte-order mark, which would
+    # otherwise glue an invisible character to the first id.
+    for line in split_file.read_text(encoding="utf-8-sig", errors="replace").splitlines():
         parts = line.split()
         # Per-class split files ("<id> 1") carry a flag after the id; -1 means "not in this class".
         if parts and not (len(parts) > 1 and parts[1] == "-1"):
@@ -78,15 +83,15 @@ def parse_voc_xml(xml_path: Path, class_index: dict[str, int]) -> tuple[np.ndarr
         if name not in class_index:
             raise DatasetError(
                 f"annotation {xml_path} has an object of class {name!r}, which is not one of the run's classes "
-                f"{list(class_index)}: add it to data.classes (or fix the annotation)"
+                f"{list(class_index)}{case_hint(name, list(class_index))}: add it to data.classes (or fix the annotation)"
             )
         box = obj.find("bndbox")
-        try:
-            xmin, ymin, xmax, ymax = (float(_text(box, tag)) for tag in ("xmin", "ymin", "xmax", "ymax"))
-        except (TypeError, ValueError):
+        if box is None:
             raise DatasetError(
                 f"annotation {xml_path}: object {name!r} needs <bndbox> with numeric <xmin>, <ymin>, <xmax>, <ymax>"
-            ) from None
+            )
+        where = f"annotation {xml_path}, object {name!r}"
+        xmin, ymin, xmax, ymax = (finite_coordinate(_text(box, tag), tag, where) for tag in ("xmin", "ymin", "xmax", "ymax"))
         boxes.append([xmin - 1.0, ymin - 1.0, xmax, ymax])
         labels.append(class_index[name])
         try:
@@ -118,10 +123,10 @@ def _find_image(images_dir: Path, image_id: str, filename: str | None) -> Path |
 class VOCDetection(DetectionDataset):
     """One Pascal-VOC folder's split as a map-style detection dataset.
 
-    All annotations of the split are parsed here, so a missing folder, a
-    missing split file or image, unreadable XML or an unknown class fails now
-    with a :class:`DatasetError` naming the path; images are decoded one per
-    ``__getitem__``.
+    All annotations of the split are parsed and every image is decode-checked
+    here, so a missing folder, a missing split file or image, unreadable XML,
+    an unknown class or a corrupt image fails now with a :class:`DatasetError`
+    naming the path; images are decoded for use one per ``__getitem__``.
 
     :param root: the VOC folder (one client's data).
     :param split: the split file's stem: ``train``, ``test``, ``trainval``, ...
@@ -130,6 +135,8 @@ class VOCDetection(DetectionDataset):
     :param drop_difficult: leave out objects flagged ``difficult`` (as VOC
         training usually does); by default they are kept with their flag, which
         evaluation uses to ignore them.
+    :param on_bad_image: ``fail`` or ``skip`` an image that does not decode
+        (every image is decode-checked here; see :mod:`fedplug.data.images`).
     """
 
     def __init__(
@@ -139,11 +146,13 @@ class VOCDetection(DetectionDataset):
         class_names: Sequence[str],
         transforms: Transform | None = None,
         drop_difficult: bool = False,
+        on_bad_image: str = "fail",
     ) -> None:
-        super().__init__(class_names, transforms)
+        super().__init__(class_names, transforms, on_bad_image)
         self.root = Path(root).expanduser()
         self.split = split
         self.source = f"VOC folder {self.root} split {split!r}"
+        self.objects_hint = "none of its annotations has an <object> (with <name> and <bndbox>)"
         if not self.root.is_dir():
             raise DatasetError(f"VOC folder {self.root} does not exist: expected {LAYOUT}")
         for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
