@@ -26,12 +26,28 @@ import torch
 from fedplug import protocol as P
 from fedplug.plugins import activate
 from fedplug.evaluation import eval_settings_from
-from fedplug.types import TrainSettings
+from fedplug.types import EvalResult, ResourceReport, TrainResult, TrainSettings
 from fedplug.wire import WireError, decode_checked, encode_state, spec_of
 
 log = logging.getLogger("fedplug.client")
 
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainSettings)}
+
+
+class HookFailed(RuntimeError):
+    """A plugin hook raised or returned the wrong type; the text names the plugin and the hook."""
+
+
+def numeric_metrics(metrics: Any) -> dict[str, float]:
+    """The finite numeric entries of a result's ``metrics``, bounded as the protocol allows."""
+    out: dict[str, float] = {}
+    for key, value in dict(metrics or {}).items():
+        if len(out) >= P.MAX_METRICS:
+            break
+        if (isinstance(key, str) and 0 < len(key) <= P.MAX_METRIC_NAME and key.isprintable() and isinstance(value, (int, float))
+                and not isinstance(value, bool) and math.isfinite(float(value))):
+            out[key] = float(value)
+    return out
 
 
 def resolve_device(requested: str) -> str:
@@ -91,6 +107,24 @@ class FederationClient:
 
     async def _offload(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def _call_hook(self, role: str, hook_name: str, expected: type, **kwargs: Any) -> Any:
+        """Call a plugin hook; an exception or a wrong return type becomes :class:`HookFailed`.
+
+        The traceback goes to this client's log; the message, which the server
+        shows, names the plugin, its package and the hook.
+        """
+        info = self.plugins.selected.get(role) if self.plugins is not None else None
+        who = f"{role} {info.describe()}" if info is not None else role
+        try:
+            result = getattr(self.plugins.hook, hook_name)(**kwargs)
+        except Exception as exc:
+            log.exception("%s failed in %s", who, hook_name)
+            raise HookFailed(f"{who} raised {type(exc).__name__} in {hook_name}: {exc}") from exc
+        if not isinstance(result, expected):
+            raise HookFailed(f"{who} returned {type(result).__name__} from {hook_name}, "
+                             f"expected fedplug.types.{expected.__name__}")
+        return result
 
     def _spawn(self, coro) -> None:
         """Run a handler's work as its own task so the Socket.IO reader is never blocked."""
@@ -187,11 +221,17 @@ class FederationClient:
 
     async def _on_check_resource(self, data: dict) -> None:
         rnd = int(data["round_number"])
-        report = await self._offload(
-            lambda: self.plugins.hook.fedplug_measure_resources(config=self.init_config["policy"]))
+        try:
+            report = await self._offload(lambda: self._call_hook(
+                "resource_policy", "fedplug_measure_resources", ResourceReport, config=self.init_config["policy"]))
+        except HookFailed as exc:
+            # no load figure to give: report full load, so the policy leaves this client out, and say why
+            self.echo(f"[{self.client_id}] round {rnd}: {exc}")
+            return await self.sio.emit(P.CHECK_CLIENT_RESOURCE_DONE, {
+                "round_number": rnd, "load_rate": 1.0, "details": {"kind": "error"}, "reason": str(exc)})
         await self.sio.emit(P.CHECK_CLIENT_RESOURCE_DONE, {
             "round_number": rnd, "load_rate": float(report.load),
-            "details": {"kind": report.kind, **{k: float(v) for k, v in report.details.items()}},
+            "details": {"kind": report.kind, **numeric_metrics(report.details)},
         })
 
     def _train(self, rnd: int, weights: bytes, settings: dict) -> dict:
@@ -202,22 +242,31 @@ class FederationClient:
             return {"round_number": rnd, "ok": False, "train_size": 0, "train_loss": 0.0,
                     "reason": f"the global weights from the server were rejected: {exc}"}
         ts = train_settings_from(settings, rnd, self.device)
-        result = self.plugins.hook.fedplug_train_round(model=self.model, dataset=self.data.train, settings=ts,
-                                                       global_weights=global_state, state=self.train_state)
-        loss = float(result.train_loss)
-        if not result.ok or result.weights is None or not math.isfinite(loss):
-            reason = result.reason or f"non-finite training loss {loss}"
-            return {"round_number": rnd, "ok": False, "train_size": int(result.num_examples),
-                    "train_loss": 0.0, "reason": reason}
-        return {"round_number": rnd, "ok": True, "weights": encode_state(result.weights),
+        try:
+            result = self._call_hook("detector", "fedplug_train_round", TrainResult, model=self.model,
+                                     dataset=self.data.train, settings=ts, global_weights=global_state,
+                                     state=self.train_state)
+            loss = float(result.train_loss)
+            if not result.ok or result.weights is None or not math.isfinite(loss):
+                reason = result.reason or f"non-finite training loss {loss}"
+                return {"round_number": rnd, "ok": False, "train_size": 0, "train_loss": 0.0, "reason": reason}
+            weights = encode_state(result.weights)
+        except (HookFailed, WireError, AttributeError, TypeError, ValueError) as exc:  # a failed round, not a dead client
+            log.exception("round %d: training failed", rnd)
+            return {"round_number": rnd, "ok": False, "train_size": 0, "train_loss": 0.0,
+                    "reason": str(exc) if isinstance(exc, HookFailed) else
+                    f"the detector's training result cannot be sent: {type(exc).__name__}: {exc}"}
+        return {"round_number": rnd, "ok": True, "weights": weights,
                 "train_size": int(result.num_examples), "train_loss": loss,
-                "seconds": time.monotonic() - t0}
+                "seconds": time.monotonic() - t0, "metrics": numeric_metrics(result.metrics)}
 
     async def _on_request_update(self, data: dict) -> None:
         rnd = int(data["round_number"])
         async with self.work_lock:
             self.echo(f"[{self.client_id}] round {rnd}: training")
             answer = await self._offload(self._train, rnd, data["weights"], data.get("settings") or {})
+        if not answer["ok"]:
+            self.echo(f"[{self.client_id}] round {rnd}: training failed: {answer['reason']}")
         await self._send(P.CLIENT_UPDATE, answer)
 
     def _evaluate(self, rnd: int, weights: bytes) -> dict:
@@ -226,22 +275,34 @@ class FederationClient:
         except WireError as exc:
             return {"round_number": rnd, "ok": False, "test_size": 0, "test_loss": 0.0, "test_map": 0.0,
                     "test_recall": 0.0, "reason": f"the global weights were rejected: {exc}"}
-        result = self.plugins.hook.fedplug_evaluate(model=self.model, dataset=self.data.test,
-                                                    settings=self.eval_settings)
-        metrics = {k: float(v) for k, v in result.metrics.items()
-                   if isinstance(v, (int, float)) and math.isfinite(float(v))}
+        try:
+            result = self._call_hook("detector", "fedplug_evaluate", EvalResult, model=self.model,
+                                     dataset=self.data.test, settings=self.eval_settings)
+            stats = result.stats.to_json() if result.stats is not None else None
+            for name in ("map50", "recall"):
+                if not 0.0 <= float(getattr(result, name)) <= 1.0:
+                    raise HookFailed(f"detector {self.plugins.selected['detector'].describe()} returned "
+                                     f"EvalResult.{name}={getattr(result, name)!r} from fedplug_evaluate; "
+                                     "it must be within [0, 1]")
+        except (HookFailed, AttributeError, TypeError, ValueError) as exc:
+            log.exception("round %d: evaluation failed", rnd)
+            return {"round_number": rnd, "ok": False, "test_size": 0, "test_loss": 0.0, "test_map": 0.0,
+                    "test_recall": 0.0, "reason": str(exc)}
+        metrics = numeric_metrics(result.metrics)
         return {"round_number": rnd, "ok": True, "test_size": int(result.num_examples),
                 "test_loss": float(result.loss) if math.isfinite(result.loss) else 0.0,
                 "test_map": float(result.map50), "test_recall": float(result.recall),
-                "stats": result.stats.to_json() if result.stats is not None else None,
-                "metrics": metrics}
+                "stats": stats, "metrics": metrics}
 
     async def _on_stop_and_eval(self, data: dict) -> None:
         rnd = int(data["round_number"])
         async with self.work_lock:
             answer = await self._offload(self._evaluate, rnd, data["weights"])
         await self._send(P.CLIENT_EVAL, answer)
-        self.echo(f"[{self.client_id}] round {rnd}: mAP@0.5 {answer['test_map']:.4f} on {answer['test_size']} images")
+        if answer["ok"]:
+            self.echo(f"[{self.client_id}] round {rnd}: mAP@0.5 {answer['test_map']:.4f} on {answer['test_size']} images")
+        else:
+            self.echo(f"[{self.client_id}] round {rnd}: evaluation failed: {answer['reason']}")
         if data.get("STOP"):
             self.done.set()
 

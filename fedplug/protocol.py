@@ -31,6 +31,9 @@ CLIENT_EVENTS = (CLIENT_WAKE_UP, CLIENT_READY, CHECK_CLIENT_RESOURCE_DONE, CLIEN
 SERVER_EVENTS = (INIT, CHECK_CLIENT_RESOURCE, REQUEST_UPDATE, STOP_AND_EVAL, RUN_FINISHED, PROTOCOL_ERROR)
 
 MAX_CLIENT_ID_LEN = 128
+MAX_METRICS = 64  # client_update.metrics: at most this many entries ...
+MAX_METRIC_NAME = 64  # ... with names of at most this many characters
+MAX_REASON_LEN = 2000  # a longer reason is cut to this length
 
 
 class ProtocolError(ValueError):
@@ -62,6 +65,7 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
         "round_number": (_INT, True),
         "load_rate": (_NUM, True),
         "details": (_DICT, False),
+        "reason": (_STR, False),
     },
     CLIENT_UPDATE: {
         "round_number": (_INT, True),
@@ -71,6 +75,7 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
         "train_loss": (_NUM, True),
         "reason": (_STR, False),
         "seconds": (_NUM, False),
+        "metrics": (_DICT, False),
     },
     CLIENT_EVAL: {
         "round_number": (_INT, True),
@@ -102,6 +107,20 @@ def _kind_ok(kind: str, value: Any) -> bool:
     if kind == _LIST:
         return isinstance(value, list)
     raise AssertionError(kind)
+
+
+def _metrics(event: str, metrics: Mapping) -> dict[str, float]:
+    """A client's numeric training metrics: bounded in count and name length, finite numbers only."""
+    if len(metrics) > MAX_METRICS:
+        raise ProtocolError(f"{event}: metrics may hold at most {MAX_METRICS} entries, got {len(metrics)}")
+    out = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_METRIC_NAME or not key.isprintable():
+            raise ProtocolError(f"{event}: metric names must be 1-{MAX_METRIC_NAME} printable characters")
+        if not _kind_ok(_NUM, value) or not math.isfinite(float(value)):
+            raise ProtocolError(f"{event}: metric {key!r} must be a finite number, got {value!r}")
+        out[key] = float(value)
+    return out
 
 
 def parse(event: str, data: Any) -> dict[str, Any]:
@@ -139,6 +158,10 @@ def parse(event: str, data: Any) -> dict[str, Any]:
         raise ProtocolError(f"{event}: load_rate must be within [0, 1], got {out['load_rate']!r}")
     if event == CLIENT_UPDATE and out["ok"] and not out.get("weights"):
         raise ProtocolError(f"{event}: ok=true requires binary 'weights'")
+    if event == CLIENT_UPDATE and out.get("metrics") is not None:
+        out["metrics"] = _metrics(event, out["metrics"])
+    if isinstance(out.get("reason"), str) and len(out["reason"]) > MAX_REASON_LEN:
+        out["reason"] = out["reason"][:MAX_REASON_LEN] + " [...]"
     if event == CLIENT_EVAL and out["ok"]:
         for field in ("test_map", "test_recall"):
             if not 0.0 <= float(out[field]) <= 1.0:

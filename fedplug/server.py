@@ -34,6 +34,7 @@ from fedplug.collect import PhaseCollector, UpdateStream
 from fedplug.evaluation import HeldOutEvaluator, eval_settings_from, resolve_place, round_metrics, safe_call
 from fedplug.outputs import EventLog, RunOutputs, format_table, load_resume_point
 from fedplug.plugins import ActivePlugins
+from fedplug.server_hooks import PluginFailed, call, dry_run, is_decision, is_round_settings, model_checker
 from fedplug.types import ClientUpdate, DetectionStats, EmptyRoundError, ResourceReport, RoundRecord
 from fedplug.wire import WireError, check_against_spec, decode_checked, encode_state, spec_of
 
@@ -139,6 +140,11 @@ class FederationServer:
         self.start_round = 1
         if self.run_cfg.resume:
             self._resume(Path(str(self.run_cfg.resume)))
+        try:  # deterministic plugin defects stop the run here, not after a round of client training
+            dry_run(plugins, self.global_weights, self.spec, self.aggregator_cfg, self.policy_cfg,
+                    int(self.run_cfg.clients_per_round), self.aggregator_state)
+        except PluginFailed as exc:
+            raise RunFailed(f"start-up check of the plugins failed: {exc}") from None
         self._register_handlers()
 
     # ------------------------------------------------------------------ lifecycle
@@ -338,6 +344,8 @@ class FederationServer:
         collector, reason = self._admit(P.CHECK_CLIENT_RESOURCE_DONE, cid, msg["round_number"])
         if reason:
             return await self._reject(sid, P.CHECK_CLIENT_RESOURCE_DONE, reason, cid, msg["round_number"])
+        if msg.get("reason"):
+            self.echo(f"  client {cid} could not measure its load: {msg['reason']}")
         details = {k: float(v) for k, v in (msg.get("details") or {}).items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         collector.settle(cid, ResourceReport(float(msg["load_rate"]), str((msg.get("details") or {}).get("kind", "")), details))
@@ -371,7 +379,8 @@ class FederationServer:
             self.events.write("update_rejected", "in", rnd, cid, reason=str(exc))
             collector.settle(cid, {"accepted": False, "reason": str(exc)})
         else:
-            update = ClientUpdate(cid, rnd, weights, int(msg["train_size"]), float(msg["train_loss"]))
+            update = ClientUpdate(cid, rnd, weights, int(msg["train_size"]), float(msg["train_loss"]),
+                                  metrics=dict(msg.get("metrics") or {}))
             if stream is not None and self.collectors.get(P.CLIENT_UPDATE) is collector:
                 stream.put(update)
             collector.settle(cid, {"accepted": True, "train_size": update.num_examples,
@@ -434,16 +443,19 @@ class FederationServer:
     def ready_clients(self) -> list[str]:
         return sorted(cid for cid, s in self.clients.items() if s.ready and s.sid is not None)
 
-    async def wait_for_clients(self, needed: int, timeout: float) -> None:
+    async def wait_for_clients(self, needed: int, timeout: float, purpose: str = "") -> None:
+        """Wait until ``needed`` clients are ready; ``purpose`` says what for, in the failure message."""
         deadline = time.monotonic() + timeout
         while len(self.ready_clients()) < needed:
             if self._abort_reason:
                 raise RunFailed(self._abort_reason)
             left = deadline - time.monotonic()
             if left <= 0:
+                what = purpose or f"run.min_clients={needed}"
                 raise RunFailed(
-                    f"only {len(self.ready_clients())} of run.min_clients={needed} clients became ready within "
-                    f"server.ready_timeout_s={timeout:g}s; start more clients or lower run.min_clients")
+                    f"only {len(self.ready_clients())} of the {needed} client(s) needed ({what}) became ready "
+                    f"within server.ready_timeout_s={timeout:g}s; start more clients"
+                    + ("" if purpose else " or lower run.min_clients"))
             self._ready_changed.clear()
             try:
                 await asyncio.wait_for(self._ready_changed.wait(), min(left, 1.0))
@@ -484,6 +496,9 @@ class FederationServer:
         except RunFailed as exc:
             reason, status = f"failed: {exc}", 1
             self.echo(f"run failed: {exc}")
+        except PluginFailed as exc:  # labelled by server_hooks; the global model is the last good round's
+            reason, status = f"failed: {exc}", 1
+            self.echo(f"run failed: {exc}; the global model and checkpoints keep the last completed round")
         finally:
             self.phase = "finished"
             self._finished = True
@@ -509,7 +524,7 @@ class FederationServer:
                 if attempt == retries:
                     raise RunFailed(f"round {rnd} failed after {retries + 1} attempt(s): {exc}") from None
                 self.echo(f"  round {rnd} attempt {attempt + 1} failed: {exc}; retrying")
-                await self.wait_for_clients(1, float(self.server_cfg.ready_timeout_s))
+                await self.wait_for_clients(1, float(self.server_cfg.ready_timeout_s), f"to retry round {rnd}")
         raise AssertionError("unreachable")
 
     def _quorum(self, n: int) -> int:
@@ -527,7 +542,8 @@ class FederationServer:
                   f"[{self.policy_cfg.get('name')}]")
         selected = await self._resource_check(rnd, contacted)
         settings = dict(_plain(self.cfg.train))
-        extra = self.hook.fedplug_aggregator_round_settings(round_number=rnd, config=self.aggregator_cfg)
+        extra = call(self.plugins, "aggregator", "fedplug_aggregator_round_settings", is_round_settings,
+                     round_number=rnd, config=self.aggregator_cfg)
         settings.update(dict(extra or {}))
         settings["seed"] = int(self.run_cfg.seed) * 100003 + rnd
         settings.setdefault("total_rounds", rounds)  # lets a client's lr schedule span the whole run
@@ -553,6 +569,8 @@ class FederationServer:
         self.stream = None
         stream.close()
         new_weights, agg_error = await aggregation
+        if isinstance(agg_error, PluginFailed):
+            raise agg_error
         answers = collector.values()
         accepted = {cid: a for cid, a in answers.items() if a.get("accepted")}
         missing = sorted(set(selected) - set(answers))
@@ -577,20 +595,16 @@ class FederationServer:
                            seconds=time.monotonic() - t0, per_client=per_client, **record_kwargs)
 
     def _aggregate(self, start_weights, stream: UpdateStream, rnd: int, state: dict):
+        """New global weights, or ``(None, why)``; a plugin defect comes back as the :class:`PluginFailed` itself."""
         try:
-            result = self.hook.fedplug_aggregate(global_weights=start_weights, updates=stream,
-                                                 round_number=rnd, config=self.aggregator_cfg, state=state)
+            result = call(self.plugins, "aggregator", "fedplug_aggregate", model_checker(self.spec),
+                          global_weights=start_weights, updates=stream, round_number=rnd,
+                          config=self.aggregator_cfg, state=state)
         except EmptyRoundError as exc:
             return None, f"no update to aggregate ({exc})"
-        except Exception as exc:  # a plugin bug must not take the global model with it
-            log.exception("aggregator %s failed", self.aggregator_cfg.get("name"))
-            return None, f"aggregator {self.aggregator_cfg.get('name')!r} raised {type(exc).__name__}: {exc}"
-        if result is None:
-            return None, f"aggregator {self.aggregator_cfg.get('name')!r} returned nothing"
-        try:
-            check_against_spec(result, self.spec)
-        except WireError as exc:
-            return None, f"aggregator {self.aggregator_cfg.get('name')!r} returned an invalid model: {exc}"
+        except PluginFailed as exc:  # a plugin bug must not take the global model with it
+            log.error("%s", exc, exc_info=exc.__cause__)
+            return None, exc
         return result, None
 
     async def _resource_check(self, rnd: int, contacted: list[str]) -> list[str]:
@@ -604,8 +618,8 @@ class FederationServer:
             await collector.wait(float(self.server_cfg.resource_timeout_s))
             self._close(P.CHECK_CLIENT_RESOURCE_DONE)
             reports = collector.values()
-            decision = self.hook.fedplug_select_clients(reports=reports, contacted=list(contacted),
-                                                        config=self.policy_cfg)
+            decision = call(self.plugins, "resource_policy", "fedplug_select_clients", is_decision,
+                            reports=reports, contacted=list(contacted), config=self.policy_cfg)
             selected = [cid for cid in decision.selected if cid in contacted]
             if decision.proceed and selected:
                 return selected
