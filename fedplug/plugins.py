@@ -124,11 +124,13 @@ def _available(role: str, plugins: Mapping[str, list]) -> str:
     )
 
 
-def _did_you_mean(word: str, candidates: Iterable[str], cutoff: float = 0.7) -> str:
-    close = difflib.get_close_matches(word, list(candidates), n=3, cutoff=cutoff)
-    if not close:
-        return ""
-    return " Did you mean " + " or ".join(repr(c) for c in close) + "?"
+def _did_you_mean(word: str, *candidate_lists: Iterable[str], cutoff: float = 0.7) -> str:
+    """`` Did you mean 'x'?`` for the closest candidate, trying each list in turn; else ``""``."""
+    for candidates in candidate_lists:
+        close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=cutoff)
+        if close:
+            return f" Did you mean {close[0]!r}?"
+    return ""
 
 
 def _clash_message(role: str, name: str, claimants: list[tuple[PluginInfo, Any]]) -> str:
@@ -235,9 +237,10 @@ def check_plugin(info: PluginInfo, obj: object, pm: pluggy.PluginManager | None 
     unknown = sorted(h for h in marked if h not in HOOK_SPECS)
     if unknown:
         hook = unknown[0]
+        own = REQUIRED_HOOKS[role] + OPTIONAL_HOOKS[role]
         raise PluginError(
-            f"{where} implements {hook}, which is not a fedplug hook.{_did_you_mean(hook, HOOK_SPECS)} "
-            f"Rename it to one of the hooks in fedplug/hooks.py ({', '.join(REQUIRED_HOOKS[role] + OPTIONAL_HOOKS[role])} "
+            f"{where} implements {hook}, which is not a fedplug hook.{_did_you_mean(hook, own, HOOK_SPECS)} "
+            f"Rename it to one of the hooks in fedplug/hooks.py ({', '.join(own)} "
             f"for a{'n' if role[0] in 'aeiou' else ''} {role}).{disable}"
         )
 
