@@ -40,7 +40,8 @@ def test_every_data_config_composes_and_says_how_to_select_it(name):
     assert text.startswith("#") and f"data={name}" in text.splitlines()[0] + text.splitlines()[1]
     cfg = _compose(f"data={name}")
     assert cfg.data.name == name
-    assert cfg.data.format in ("synthetic", "voc", "street_json", "coco")
+    assert cfg.data.format in ("auto", "synthetic", "voc", "street_json", "coco")
+    assert cfg.data.on_bad_image == "fail"  # every data config states the unreadable-image policy
     if name != "synthetic":
         assert OmegaConf.is_missing(cfg.data, "root")  # mandatory: the user's copy
 
