@@ -268,6 +268,51 @@ def test_merged_client_stats_equal_the_union(tie_decimals):
     assert per_client != pytest.approx(union["map50"], abs=1e-9)
 
 
+def _list_order_ap(scores, tps, num_gt, use_07=False):
+    """AP the VOC devkit's way: one curve point per detection, ties left in list order."""
+    t = np.asarray(tps, dtype=bool)[np.argsort(-np.asarray(scores, dtype=np.float64), kind="mergesort")]
+    tp, fp = np.cumsum(t), np.cumsum(~t)
+    if use_07:
+        rec, prec = tp / num_gt, tp / (tp + fp)
+        return float(sum(prec[rec >= r].max() if (rec >= r).any() else 0.0 for r in np.arange(0.0, 1.1, 0.1)) / 11)
+    mrec = np.r_[0.0, tp / num_gt, 1.0]
+    mpre = np.r_[0.0, tp / (tp + fp), 0.0]
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+    i = np.flatnonzero(mrec[1:] != mrec[:-1])
+    return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
+
+
+def test_tied_scores_count_together_unlike_list_order():
+    """docs/metrics.md: ties give fedplug the references' value for tied false positives listed first,
+    whatever the merge order; a list-order AP (pycocotools', the devkit's) depends on the merge order."""
+    preds, gts = _random_set(7, num_images=30, tie_decimals=1)
+    a = match_detections(preds[:11], gts[:11], 4, coco=False)
+    b = match_detections(preds[11:], gts[11:], 4, coco=False)
+    ab, ba = a.merge(b), b.merge(a)
+    list_order_differs = False
+    for k in range(4):
+        s, t, n = np.asarray(ab.scores[k]), np.asarray(ab.true_positive[k], dtype=bool), ab.num_ground_truth[k]
+        assert n > 0 and len(set(s.tolist())) < len(s)  # the class has ground truth and tied scores
+        pessimistic = np.lexsort((t, -s))  # by score, false positives first among ties
+        for use_07 in (False, True):
+            ours = average_precision(s, t, n, use_07)
+            assert ours == average_precision(ba.scores[k], ba.true_positive[k], n, use_07)
+            assert ours == pytest.approx(_list_order_ap(s[pessimistic], t[pessimistic], n, use_07), abs=1e-12)
+        assert coco_average_precision(s, t, n) == pytest.approx(
+            _coco_list_order_ap(s[pessimistic], t[pessimistic], n), abs=1e-12)
+        list_order_differs |= _list_order_ap(s, t, n) != _list_order_ap(ba.scores[k], ba.true_positive[k], n)
+    assert list_order_differs
+
+
+def _coco_list_order_ap(scores, tps, num_gt):
+    """pycocotools' 101-point AP (accumulate): stable sort, one point per detection."""
+    t = np.asarray(tps, dtype=bool)[np.argsort(-np.asarray(scores, dtype=np.float64), kind="mergesort")]
+    tp, fp = np.cumsum(t), np.cumsum(~t)
+    rc, pr = tp / num_gt, np.maximum.accumulate((tp / (tp + fp))[::-1])[::-1]
+    idx = np.searchsorted(rc, np.linspace(0.0, 1.0, 101), side="left")
+    return float(np.where(idx < len(pr), pr[np.minimum(idx, len(pr) - 1)], 0.0).mean())
+
+
 def test_use_07_metric_flows_through_summarize():
     preds, gts = _random_set(5)
     stats = match_detections(preds, gts, 4)
