@@ -236,6 +236,7 @@ def describe_partition(
     class_names: Sequence[str],
     client_names: Sequence[str] | None = None,
     print_fn=None,
+    first_column: str = "client",
 ) -> str:
     """A table of each client's images and objects per class; printed too when ``print_fn`` is given.
 
@@ -244,7 +245,7 @@ def describe_partition(
     """
     counts = partition_class_counts(image_labels, parts, len(class_names))
     names = list(client_names) if client_names is not None else [f"client {k}" for k in range(len(parts))]
-    header = ["client", "images", *class_names]
+    header = [first_column, "images", *class_names]
     rows = [
         [names[k], str(len(parts[k])), *(str(int(v)) for v in counts[k])] for k in range(len(parts))
     ]

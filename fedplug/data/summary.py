@@ -41,7 +41,7 @@ def skipped_line(datasets: Sequence, names: Sequence[str], split: str, unattribu
 def shared_test_table(dataset, class_names: Sequence[str]) -> str:
     """One row for the test set every client's model is evaluated on (it is not split among clients)."""
     labels, parts = _labels_and_parts([dataset])
-    table = describe_partition(labels, parts, class_names, ["shared test set"])
+    table = describe_partition(labels, parts, class_names, ["shared test set"], first_column="set")
     table = "\n".join(table.splitlines()[:-1])  # one row: its "total" row would repeat it
     lines = [f"shared test set (not split among clients; {dataset.source}):", table]
     if getattr(dataset, "skipped", None):
