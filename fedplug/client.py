@@ -96,6 +96,8 @@ class FederationClient:
         self.data = None
         self.init_config: dict | None = None
         self.train_state: dict = {}
+        # how this client finds the detector and policy the server names; tests put in-process plugins here
+        self.activate_plugins = activate
         self._register_handlers()
 
     async def _send(self, event: str, payload: dict, wait: float = 120.0) -> None:
@@ -190,8 +192,8 @@ class FederationClient:
         if self.init_config is not None and self.init_config == {"model": model_cfg, "policy": policy_cfg,
                                                                  "classes": message["class_names"]}:
             return len(self.data.train), len(self.data.test)  # a reconnect: keep model and data
-        self.plugins = activate({"detector": model_cfg["name"], "resource_policy": policy_cfg["name"]},
-                                observers=False)
+        self.plugins = self.activate_plugins({"detector": model_cfg["name"], "resource_policy": policy_cfg["name"]},
+                                             observers=False)
         class_names = tuple(message["class_names"])
         self.data = open_client_data(self.data_spec, class_names, augment=self.augment)
         torch.manual_seed(int(model_cfg.get("seed", 0)))
