@@ -256,9 +256,12 @@ def load_darknet_weights(
     """Load a local Darknet ``.weights`` file into a :class:`~.model.YOLOv3` (in place).
 
     :param cutoff: load the conv layers of cfg layers ``0 .. cutoff-1`` only (a
-        Darknet layer count, as in ``darknet partial``); ``None``: from a
-        ``*.conv.N`` file name, else every layer, and then the file must hold
-        exactly what the model needs.
+        Darknet layer count, as in ``darknet partial``; at most the model's
+        number of cfg layers).  The file may be longer only when it is a file
+        of the model's variant (e.g. ``yolov3.weights`` with cutoff 74).
+        ``None``: from a ``*.conv.N`` file name, and the file must then hold
+        exactly the first ``N`` layers; else every layer, and the file must
+        hold exactly what the model needs.
     :param reinit_heads: load every layer except the linear output convs
         before the YOLO layers, which keep their fresh initialisation; the
         file's class count is inferred from its size (e.g. the 80-class COCO
