@@ -119,9 +119,14 @@ def test_filename_tag_png_and_per_class_split_lines(tmp_path):
     assert len(ds) == 1 and ds.records[0].path.name == "picture one.png"
 
 
-def test_boxes_beyond_the_image_are_clipped(tmp_path):
-    root = make_voc(tmp_path / "v", {"a": [_object("cat", (30, 20, 60, 45))]}, {"train": ["a"]})
-    _, target = VOCDetection(root, "train", CLASSES)[0]
+def test_boxes_beyond_the_image_are_clipped_or_dropped_with_a_warning(tmp_path):
+    root = make_voc(tmp_path / "v", {"a": [_object("cat", (30, 20, 60, 45)), _object("dog", (50, 40, 60, 45))]},
+                    {"train": ["a"]})
+    with pytest.warns(UserWarning, match=r"1 box\(es\) partly outside their image were clipped to it and 1 wholly "
+                                         r"outside were dropped.*a \[49\.0, 39\.0, 60\.0, 45\.0\] in 40x30"):
+        ds = VOCDetection(root, "train", CLASSES)
+    assert ds.num_objects == 1 and ds.class_counts().tolist() == [1, 0]  # what is used, before any decoding
+    _, target = ds[0]
     assert target["boxes"].tolist() == [[29.0, 19.0, 40.0, 30.0]]
 
 
