@@ -123,7 +123,14 @@ async def run_server(cfg: Any, embedded: bool) -> int:
     from fedplug.plugins import activate
     from fedplug.server import FederationServer, RunFailed
 
+    from fedplug.outputs import RunDirBusy, RunDirLock
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:  # held until this process ends (the kernel drops it even on SIGKILL)
+        run_lock = RunDirLock(run_dir, Path(str(cfg.run.resume)) if cfg.run.resume else None)
+    except RunDirBusy as exc:
+        echo(f"cannot start: {exc}")
+        return 2
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2) if embedded else (os.cpu_count() or 1))
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     try:
@@ -188,6 +195,7 @@ async def run_server(cfg: Any, embedded: bool) -> int:
         if watcher is not None:
             watcher.cancel()
         await server.stop()
+        run_lock.release()
         if embedded:
             codes = clients.stop()
             bad = {cid: code for cid, code in codes.items() if code not in (0, None)}

@@ -100,6 +100,9 @@ def validate(cfg: Any) -> None:
     _number(cfg, "eval.score_threshold", 0.0, 1.0)
     _choice(cfg, "eval.on", ("auto", "server", "clients", "both"))
     _choice(cfg, "eval.device", DEVICES)
+    evaluators = str(_get(cfg, "eval.clients"))
+    if evaluators not in ("all", "round") and not (evaluators.isdigit() and int(evaluators) >= 1):
+        raise ConfigError(f"eval.clients must be all, round or a number of clients >= 1, got {evaluators!r}")
     for group in ("aggregator", "model", "resource_policy"):
         if not isinstance(_get(cfg, f"{group}.name"), str):
             raise ConfigError(f"{group}.name must be a plugin name (see `fedplug plugins`)")

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import os
 import math
 import threading
 import time
@@ -46,6 +48,7 @@ class EventLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._file = open(self.path, "a", encoding="utf-8", buffering=1)
+        self.failed = False  # a write failed (e.g. disk full): later events may be missing
         self._t0 = time.time()
 
     def write(self, event: str, direction: str, round_number: int | None = None,
@@ -55,12 +58,21 @@ class EventLog:
         row.update({k: _clean(v) for k, v in extra.items()})
         line = json.dumps(row, default=str)
         with self._lock:
-            if not self._file.closed:
+            if self._file.closed:
+                return
+            try:
                 self._file.write(line + "\n")
+            except OSError as exc:  # disk full: the log is a record, never a reason to stop telling clients
+                if not self.failed:
+                    self.failed = True
+                    logging.getLogger("fedplug.outputs").error("cannot write the event log %s: %s", self.path, exc)
 
     def close(self) -> None:
         with self._lock:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:  # flushing the last line failed: nothing more can be done here
+                pass
 
 
 def read_events(path: Path) -> list[dict]:
@@ -181,3 +193,54 @@ def format_table(history: Sequence[RoundRecord], best_round: int | None) -> str:
             f"{f(r.recall):>6}  {len(r.participants):>7}  {r.seconds:>6.1f}{mark}"
         )
     return "\n".join(lines)
+
+
+class RunDirBusy(RuntimeError):
+    """The run directory belongs to another run; the message says which directory to use instead."""
+
+
+RUN_MARKERS = ("metrics.csv", "resume.json", "checkpoints/last.safetensors")
+
+
+class RunDirLock:
+    """One run per directory: an exclusive lock held for the server's lifetime, and no reuse of a used one.
+
+    Two servers writing one directory interleave their metrics rows and
+    overwrite each other's checkpoints; a server restarted into a used directory
+    does the same to the run before it.  So the server takes ``.fedplug.lock``
+    (``flock``: released by the kernel when the process dies, even by SIGKILL) and
+    refuses a directory that already holds a run's outputs unless it resumes
+    that very run, in which case the temp files a crashed write left are removed.
+    """
+
+    def __init__(self, run_dir: Path, resume_from: Path | None):
+        import fcntl
+
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.run_dir / ".fedplug.lock", "a+", encoding="utf-8")
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise RunDirBusy(f"run directory {self.run_dir} is in use by another fedplug server ({holder}); "
+                             "give this run its own directory (hydra.run.dir=...)") from None
+        resuming_here = resume_from is not None and Path(resume_from).resolve() == self.run_dir.resolve()
+        used = [m for m in RUN_MARKERS if (self.run_dir / m).exists()]
+        if used and not resuming_here:
+            self.release()
+            raise RunDirBusy(f"run directory {self.run_dir} already holds a run ({', '.join(used)}): to continue "
+                             f"it, use run.resume={self.run_dir}; for a new run, choose another hydra.run.dir")
+        if resuming_here:
+            for stale in self.run_dir.rglob(".*.tmp"):  # half-written files of the crashed run
+                stale.unlink(missing_ok=True)
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            self._file.close()  # closing the descriptor drops the flock

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import math
 import random
@@ -466,8 +467,9 @@ class FederationServer:
         """Run every round; return the process exit status (0 on success)."""
         rounds = int(self.run_cfg.rounds)
         self._notify("fedplug_run_start", config=_plain(self.cfg), run_dir=self.run_dir)
-        reason = "completed"
-        status = 0
+        # what clients and observers are told: the true outcome, which is "completed" only once it is
+        reason = "failed: the server stopped on an unexpected error (see app.log)"
+        status = 1
         try:
             self.phase = "waiting for clients"
             self.echo(f"waiting for {self.run_cfg.min_clients} clients (run.min_clients) ...")
@@ -493,6 +495,9 @@ class FederationServer:
                               f"{self.run_cfg.patience} evaluations (run.patience)")
                     self.echo(reason)
                     break
+            else:
+                reason = "completed"
+            status = 0  # every round ran (or early stopping ended the run as asked)
         except RunFailed as exc:
             reason, status = f"failed: {exc}", 1
             self.echo(f"run failed: {exc}")
@@ -517,9 +522,12 @@ class FederationServer:
 
     async def _run_round_with_retries(self, rnd: int) -> RoundRecord:
         retries = int(self.server_cfg.round_retries)
+        t0 = time.monotonic()  # a round's time includes its failed attempts
         for attempt in range(retries + 1):
             try:
-                return await self._run_round(rnd)
+                record = await self._run_round(rnd)
+                return dataclasses.replace(record, seconds=time.monotonic() - t0,
+                                           extra={**record.extra, "attempts": float(attempt + 1)})
             except RunFailed as exc:
                 if attempt == retries:
                     raise RunFailed(f"round {rnd} failed after {retries + 1} attempt(s): {exc}") from None
@@ -590,7 +598,8 @@ class FederationServer:
         record_kwargs: dict[str, Any] = {}
         evaluate = rnd % int(self.run_cfg.eval_every) == 0 or rnd == rounds
         if evaluate:
-            record_kwargs = await self._evaluate(rnd, stop=(rnd == rounds), per_client=per_client)
+            record_kwargs = await self._evaluate(rnd, stop=(rnd == rounds), per_client=per_client,
+                                                 participants=sorted(accepted))
         return RoundRecord(round_number=rnd, participants=tuple(sorted(accepted)), train_loss=train_loss,
                            seconds=time.monotonic() - t0, per_client=per_client, **record_kwargs)
 
@@ -638,7 +647,17 @@ class FederationServer:
         raise RunFailed(f"the resource check did not pass in {attempts} attempts "
                         f"(server.resource_max_attempts); last verdict: {decision.reason}")
 
-    async def _evaluate(self, rnd: int, stop: bool, per_client: dict) -> dict[str, Any]:
+    def _evaluators(self, participants: list[str]) -> list[str]:
+        """The clients sent ``stop_and_eval``: ``eval.clients`` = all | round (this round's trainers) | <n>."""
+        ready = self.ready_clients()
+        choice = str(self.cfg.eval.get("clients", "all"))
+        if choice == "round":
+            return [cid for cid in participants if cid in ready] or ready
+        if choice.isdigit():
+            return sorted(self.rng.sample(ready, min(int(choice), len(ready))))
+        return ready
+
+    async def _evaluate(self, rnd: int, stop: bool, per_client: dict, participants: list[str]) -> dict[str, Any]:
         """Score the new global model where ``eval.on`` says: the server's held-out set, the clients', or both."""
         self.phase = f"round {rnd}: evaluation"
         weights = self.global_weights
@@ -650,7 +669,8 @@ class FederationServer:
         client_entries: dict[str, dict] = {}
         expected_images = 0
         if self.eval_place in ("clients", "both"):
-            evaluators = self.ready_clients()
+            # the last round's stop_and_eval carries STOP: every client must hear it
+            evaluators = self.ready_clients() if stop else self._evaluators(participants)
             expected_images = sum(self.clients[cid].num_test for cid in evaluators)
             payload_bytes = await self._offload(encode_state, weights)
             collector = PhaseCollector(P.CLIENT_EVAL, rnd, set(evaluators))
@@ -672,8 +692,20 @@ class FederationServer:
                                    bool(self.cfg.eval.use_07_metric), per_client)
 
     def _finish_round(self, record: RoundRecord) -> None:
-        """Metrics, checkpoints, resume point and observers; runs in a worker thread."""
-        self.outputs.record_round(record)
+        """Checkpoints, resume point, then the metrics row and observers; runs in a worker thread.
+
+        The metrics row comes after the files it describes, so a failed write never leaves
+        a row for a round whose checkpoint is not on disk; a write error ends the run as such.
+        """
+        try:
+            self._write_round(record)
+        except OSError as exc:
+            raise RunFailed(f"could not write round {record.round_number}'s outputs in {self.run_dir}: {exc} "
+                            "(disk full or not writable?); the previous round's checkpoint is kept") from None
+        self._notify("fedplug_round_end", record=record, global_weights=self.global_weights,
+                     previous_weights=self.round_start_weights)
+
+    def _write_round(self, record: RoundRecord) -> None:
         meta = {"round": record.round_number, "map50": record.map50, "test_loss": record.test_loss,
                 "model": self.model_cfg.get("name"), "class_names": list(self.class_names)}
         self.outputs.save_checkpoint("last", self.global_weights, meta)
@@ -681,8 +713,7 @@ class FederationServer:
             self.best = {"round": record.round_number, "map50": record.map50, "test_loss": record.test_loss}
             self.outputs.save_checkpoint("best", self.global_weights, meta)
         self.outputs.save_resume_point(record.round_number, self.aggregator_state, self.history, self.best)
-        self._notify("fedplug_round_end", record=record, global_weights=self.global_weights,
-                                    previous_weights=self.round_start_weights)
+        self.outputs.record_round(record)
 
     def _print_round(self, r: RoundRecord) -> None:
         def f(v):

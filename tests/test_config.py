@@ -59,6 +59,8 @@ def test_default_config_is_valid_and_names_the_embedded_federation():
         ("server.port=70000", "server.port"),
         ("eval.on=everywhere", "eval.on"),
         ("eval.device=tpu", "eval.device"),
+        ("eval.clients=some", "eval.clients"),
+        ("eval.clients=0", "eval.clients"),
     ],
 )
 def test_wrong_values_fail_naming_the_key(override, key):

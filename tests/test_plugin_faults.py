@@ -36,8 +36,9 @@ def _stats(hit: bool) -> DetectionStats:
 class ToyTrainer:
     """A detector that trains by nudging weights and reports ``steps``; ``fail_rounds`` raise."""
 
-    def __init__(self, fail_rounds=(), bad_eval=False, hit=True):
+    def __init__(self, fail_rounds=(), bad_eval=False, hit=True, fail_first=0):
         self.fail_rounds = set(fail_rounds)
+        self.fail_first = fail_first  # this many training calls raise, whatever their round
         self.bad_eval = bad_eval
         self.hit = hit
 
@@ -48,7 +49,8 @@ class ToyTrainer:
 
     @hookimpl
     def fedplug_train_round(self, model, dataset, settings, global_weights, state):
-        if settings.round_number in self.fail_rounds:
+        if settings.round_number in self.fail_rounds or self.fail_first > 0:
+            self.fail_first -= 1
             raise RuntimeError("CUDA out of memory (simulated)")
         weights = {k: (v + 0.01 if v.is_floating_point() else v.clone()) for k, v in model.state_dict().items()}
         return TrainResult(weights=weights, num_examples=len(dataset), train_loss=0.5,
@@ -253,3 +255,68 @@ def test_deterministic_server_side_defects_stop_the_run_before_round_1(tmp_path,
         FederationServer(cfg, plugins(), CLASSES, tmp_path / "run", echo=lambda *a: None)
     for word in words:
         assert word in str(info.value)
+
+
+# --------------------------------------------------------------------------- honest outcomes
+
+
+def test_a_failed_checkpoint_write_ends_the_run_with_the_true_reason_and_no_partial_record(
+        tmp_path, folders, monkeypatch):
+    from fedplug.outputs import RunOutputs
+
+    real = RunOutputs.save_checkpoint
+
+    def disk_full_in_round_2(self, name, weights, meta):
+        if meta["round"] == 2:
+            raise OSError(28, "No space left on device")
+        return real(self, name, weights, meta)
+
+    monkeypatch.setattr(RunOutputs, "save_checkpoint", disk_full_in_round_2)
+    status, codes, server, lines = _federate(
+        tmp_path, folders, _plugins(ToyTrainer()), [ToyTrainer(), ToyTrainer()], "run.rounds=3")
+    assert status == 1
+    told = [line for line in lines if "run finished:" in line]
+    assert len(told) == 2 and all("failed" in t and "No space left on device" in t for t in told)
+    rows = (tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1"]  # no row for the round whose checkpoint failed
+
+
+def test_a_round_time_includes_its_failed_attempts(tmp_path, folders):
+    # the only client fails its first try at round 1 (quorum 1 of 1), the retry succeeds
+    status, codes, server, _ = _federate(
+        tmp_path, folders, _plugins(ToyTrainer()), [ToyTrainer(fail_first=1)], "server.round_retries=1",
+        "server.quorum=1.0")
+    assert status == 0 and codes == [0]
+    first = server.history[0]
+    assert first.extra["attempts"] == 2.0
+    events = read_events(tmp_path / "run" / "events.jsonl")
+    asked = [e["time"] for e in events if e["event"] == "request_update" and e["round"] == 1]
+    answered = [e["time"] for e in events if e["event"] == "client_update" and e["round"] == 1]
+    assert len(asked) == 2 and first.seconds >= max(answered) - min(asked)
+
+
+def test_one_run_per_directory(tmp_path):
+    import subprocess
+    import sys
+
+    from fedplug.outputs import RunDirBusy, RunDirLock
+
+    run_dir = tmp_path / "run"
+    first = RunDirLock(run_dir, None)
+    # a second server (another process) is refused while the first holds the directory
+    probe = ("import sys; from pathlib import Path; from fedplug.outputs import RunDirLock, RunDirBusy\n"
+             "try:\n    RunDirLock(Path(sys.argv[1]), None)\nexcept RunDirBusy as e:\n    print(e); sys.exit(3)")
+    proc = subprocess.run([sys.executable, "-c", probe, str(run_dir)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3 and "in use by another fedplug server" in proc.stdout
+    (run_dir / "metrics.csv").write_text("round\n1\n")
+    (run_dir / "checkpoints").mkdir()
+    stale = run_dir / "checkpoints" / ".last.safetensors.abc.tmp"
+    stale.write_bytes(b"half")
+    first.release()
+    # a used directory is refused for a new run ...
+    with pytest.raises(RunDirBusy, match="run.resume="):
+        RunDirLock(run_dir, None)
+    # ... and taken when resuming that very run, which clears the crashed run's temp files
+    again = RunDirLock(run_dir, run_dir)
+    assert not stale.exists()
+    again.release()
