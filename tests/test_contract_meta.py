@@ -3,7 +3,12 @@
 Each role's suite is run (with pytest's ``pytester``) over a correct reference
 plugin and over deliberately broken ones, registered as objects (no install).
 A correct plugin must pass every check; each broken plugin must fail the check
-written for its defect, and every check must catch at least one defect.  One
+written for its defect, and every check must catch at least one defect.  The
+toy plugins' config files come from a config package declared by a fake
+distribution (``TOY_CONFIGS``), so the config-file checks see them as a run
+would.  Defects of the hook contract itself (a missing or undecorated hook, a
+misspelt hook name, an observer with a role hook) are also shown to be refused
+by :func:`fedplug.plugins.activate`, with the message a run prints.  One
 inner session runs every suite over every toy plugin; its outcomes are shared
 by the tests below.
 """
@@ -197,8 +202,34 @@ class OwnDeadline(FedAvg):
         return FedAvg.fedplug_aggregate(self, global_weights, until_deadline(), state)
 
 
+class MissingHook:
+    """Implements only the optional hook: an aggregator without fedplug_aggregate."""
+
+    @hookimpl
+    def fedplug_aggregator_round_settings(self, round_number, config):
+        return None
+
+
+class Undecorated(FedAvg):
+    """fedplug_aggregate without @hookimpl: pluggy would never call it."""
+
+    def fedplug_aggregate(self, global_weights, updates, state):
+        return FedAvg.fedplug_aggregate(self, global_weights, updates, state)
+
+
+class ReturnsList(FedAvg):
+    """Returns the tensors as a list: a wrong return type, which must fail with a message, not a TypeError."""
+
+    def finish(self, acc, total, global_weights):
+        return list(FedAvg.finish(self, acc, total, global_weights).values())
+
+
 AGGREGATORS = {
     "fedavg_ok": FedAvg,
+    "missing_hook": MissingHook,
+    "undecorated": Undecorated,
+    "returns_list": ReturnsList,
+    "misnamed_file": FedAvg,  # correct code; its aggregator/misnamed_file.yaml says name: misnamed
     "counts_global_as_client": CountsGlobalAsClient,
     "server_weight_decay": ServerWeightDecay,
     "geometric_mean": GeometricMean,
@@ -288,8 +319,16 @@ class ReturnsDict(Threshold):
         return {"selected": list(contacted), "proceed": True}
 
 
+class SelectedNone(Threshold):
+    @hookimpl
+    def fedplug_select_clients(self, reports, contacted, config):
+        return ResourceDecision(None, True, "selected is not a tuple")
+
+
 POLICIES = {
     "threshold_ok": Threshold,
+    "selected_none": SelectedNone,
+    "misnamed_file": Threshold,  # correct code; its resource_policy/misnamed_file.yaml says name: threshold
     "load_out_of_range": LoadOutOfRange,
     "slow_measure": SlowMeasure,
     "selects_strangers": SelectsStrangers,
@@ -362,8 +401,15 @@ class NeedsARound(Logger):
             f.write(f"# last round {rounds[-1].round_number}\n")
 
 
+class MisspeltHook(Logger):
+    @hookimpl
+    def fedplug_round_ended(self, record):  # the hook is fedplug_round_end
+        pass
+
+
 OBSERVERS = {
     "logger_ok": Logger,
+    "misspelt_hook": MisspeltHook,
     "crashes_on_missing_metric": CrashesOnMissingMetric,
     "implements_role_hook": ImplementsRoleHook,
     "wrong_argument_name": WrongArgumentName,
@@ -569,8 +615,25 @@ class ReturnsFloat64(ToyDetector):
         return TrainResult(weights, result.num_examples, result.train_loss)
 
 
+class TrainReturnsDict(ToyDetector):
+    @hookimpl
+    def fedplug_train_round(self, model, dataset, settings, global_weights, state):
+        result = ToyDetector.fedplug_train_round(self, model, dataset, settings, global_weights, state)
+        return {"weights": result.weights, "num_examples": result.num_examples, "train_loss": result.train_loss}
+
+
+class EvaluateWithoutMap(ToyDetector):
+    @hookimpl
+    def fedplug_evaluate(self, model, dataset, settings):
+        result = ToyDetector.fedplug_evaluate(self, model, dataset, settings)
+        return EvalResult(result.num_examples, result.loss, None, result.recall, result.stats)
+
+
 DETECTORS = {
     "toy_ok": ToyDetector,
+    "train_returns_dict": TrainReturnsDict,
+    "evaluate_without_map": EvaluateWithoutMap,
+    "no_global_package": ToyDetector,  # correct code; its model/no_global_package.yaml lacks the header
     "does_not_train": DoesNotTrain,
     "nan_loss_ok": NanLossOk,
     "raises_on_nan": RaisesOnNan,
@@ -653,6 +716,10 @@ EXPECTED = {
         "silent_on_empty": "test_empty_round_raises_empty_round_error",
         "keeps_updates_in_state": "test_state_holds_only_tensors_numbers_strings",
         "sparse_result": "test_result_survives_wire_format",
+        "missing_hook": "test_single_update_gives_its_weights",
+        "undecorated": "test_single_update_gives_its_weights",
+        "returns_list": "test_single_update_gives_its_weights",
+        "misnamed_file": "test_config_file_composes",
     }),
     "resource_policy": ("TestResourcePolicy", "threshold_ok", {
         "load_out_of_range": "test_measure_returns_a_valid_report_quickly",
@@ -663,6 +730,8 @@ EXPECTED = {
         "never_proceeds": "test_all_idle_clients_can_take_part",
         "proceeds_with_nobody": "test_handles_missing_reports",
         "returns_dict": "test_selection_is_a_subset_of_contacted",
+        "selected_none": "test_selection_is_a_subset_of_contacted",
+        "misnamed_file": "test_config_file_composes",
     }),
     "observer": ("TestObserver", "logger_ok", {
         "crashes_on_missing_metric": "test_simulated_run_does_not_raise",
@@ -670,6 +739,7 @@ EXPECTED = {
         "wrong_argument_name": "test_implements_only_observer_hooks",
         "mutates_weights": "test_weights_shown_are_not_modified",
         "needs_a_round": "test_run_that_ends_before_any_round",
+        "misspelt_hook": "test_implements_only_observer_hooks",
     }),
     "detector": ("TestDetector", "toy_ok", {
         "does_not_train": "test_train_round_changes_weights",
@@ -682,6 +752,9 @@ EXPECTED = {
         "counts_background": "test_evaluate_returns_documented_metrics",
         "trains_on_global_weights": "test_train_round_leaves_global_weights_untouched",
         "returns_float64": "test_train_round_gives_finite_loss",
+        "train_returns_dict": "test_train_round_gives_finite_loss",
+        "evaluate_without_map": "test_evaluate_returns_documented_metrics",
+        "no_global_package": "test_config_file_composes",
     }),
 }
 
@@ -700,7 +773,50 @@ EXPECTED_MESSAGE = {
     ("detector", "nan_loss_ok"): "returned ok=True",
     ("detector", "raises_on_nan"): "raised FloatingPointError",
     ("detector", "returns_float64"): "dtype",
+    # checked when the plugin is registered, with the message activate() gives a run
+    ("aggregator", "missing_hook"): "does not implement fedplug_aggregate",
+    ("aggregator", "undecorated"): "has a function fedplug_aggregate but it is not marked @hookimpl",
+    ("observer", "implements_role_hook"): "plugins.disable=[implements_role_hook]",
+    ("observer", "misspelt_hook"): "Did you mean 'fedplug_round_end'?",
+    # wrong return types fail with a message, not a TypeError inside the suite
+    ("aggregator", "returns_list"): "must be a dict of tensors, got list",
+    ("resource_policy", "selected_none"): "must be a tuple of client ids",
+    ("detector", "train_returns_dict"): "must return a fedplug.types.TrainResult",
+    ("detector", "evaluate_without_map"): "EvalResult.map50 is None",
+    # config files, composed into fedplug's config as a run composes them
+    ("aggregator", "misnamed_file"): "Set name: misnamed_file",
+    ("resource_policy", "misnamed_file"): "Set name: misnamed_file",
+    ("detector", "no_global_package"): "# @package _global_",
 }
+
+# Defects whose every failing check must fail cleanly: no TypeError/AttributeError from inside the suite.
+WRONG_RETURN_TYPES = [("aggregator", "returns_list"), ("resource_policy", "selected_none"),
+                      ("detector", "train_returns_dict"), ("detector", "evaluate_without_map")]
+
+# A config package with the toy plugins' YAML files, declared by a fake distribution in the
+# inner session's directory (on its sys.path): found through the fedplug.conf entry point.
+TOY_CONFIGS = {
+    "aggregator/fedavg_ok.yaml": "name: fedavg_ok\n",
+    "aggregator/misnamed_file.yaml": "name: misnamed\n",
+    "resource_policy/threshold_ok.yaml": "name: threshold_ok\nthreshold: 0.5\n",
+    "resource_policy/misnamed_file.yaml": "name: threshold\n",
+    "model/toy_ok.yaml": "# @package _global_\nmodel:\n  name: toy_ok\n  seed: ${run.seed}\n",
+    "model/no_global_package.yaml": "model:\n  name: no_global_package\n  seed: ${run.seed}\n",
+}
+
+
+def _write_toy_config_package(root) -> None:
+    package = root / "toy_conf"
+    for rel, text in TOY_CONFIGS.items():
+        path = package / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (path.parent / "__init__.py").touch()
+        path.write_text(text)
+    (package / "__init__.py").touch()
+    info = root / "fedplug_toy_conf-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fedplug-toy-conf\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[fedplug.conf]\ntoy = toy_conf\n")
 
 _outcomes: dict[str, dict[tuple[str, str], tuple[str, str]]] = {}
 
@@ -715,6 +831,7 @@ def _role_outcomes(pytester: pytest.Pytester, role: str) -> dict[tuple[str, str]
     """
     if not _outcomes:
         pytester.makepyfile(toy_plugins=TOY_PLUGINS, test_inner=SUITES)
+        _write_toy_config_package(pytester.path)
         report = pytester.path / "report.xml"
         run = pytester.runpytest_subprocess(
             "test_inner.py", "-p", "no:cacheprovider", f"--junitxml={report}", "-q", timeout=600
@@ -790,3 +907,74 @@ def test_suite_without_a_name_says_how_to_parametrize(pytester):
     result = pytester.runpytest("-k", "test_deterministic", "-p", "no:cacheprovider")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*parametrize the suite with your plugin's name*aggregator_name*"])
+
+
+@pytest.mark.parametrize("role, defect", WRONG_RETURN_TYPES)
+def test_wrong_return_types_fail_with_a_message_not_an_exception_inside_the_suite(pytester, role, defect):
+    results = _role_outcomes(pytester, role)
+    failures = {name: text for (name, plugin), (outcome, text) in results.items()
+                if plugin == defect and outcome == "failed"}
+    assert failures, f"no check failed for {role} {defect!r}"
+    for name, text in failures.items():
+        for error in ("TypeError", "AttributeError", "KeyError"):
+            assert error not in text, f"{name} failed for {defect!r} with a {error} inside the suite:\n{text[-2000:]}"
+
+
+def test_suite_assertions_are_rewritten_by_pytest(pytester):
+    # fedplug.testing registers its modules for assertion rewriting: a failing check shows the
+    # values of its expression (pytest's "where ..." lines), not only its message.
+    _, text = _role_outcomes(pytester, "aggregator")[("test_consumes_updates_as_one_shot_stream", "first_only")]
+    assert "where False = " in text and ".exhausted" in text, text[-2000:]
+
+
+def test_every_testing_module_is_registered_for_rewriting():
+    from pathlib import Path
+
+    import fedplug.testing
+
+    source = Path(fedplug.testing.__file__).read_text()
+    for module in Path(fedplug.testing.__file__).parent.glob("*.py"):
+        if module.stem != "__init__":
+            assert f'"{module.stem}"' in source, f"fedplug.testing.{module.stem} is not registered for rewriting"
+
+
+# The new defects of the hook contract, installed as a package would be (fake entry points):
+# activate() refuses each with the message a run prints.
+ACTIVATION_DEFECTS = [
+    ("aggregator", "missing_hook", "MissingHook",
+     ["aggregator 'missing_hook'", "fedplug-toys", "does not implement fedplug_aggregate", "@fedplug.hooks.hookimpl"]),
+    ("aggregator", "undecorated", "Undecorated",
+     ["aggregator 'undecorated'", "fedplug-toys", "has a function fedplug_aggregate but it is not marked @hookimpl"]),
+    ("observer", "implements_role_hook", "ImplementsRoleHook",
+     ["observer 'implements_role_hook'", "fedplug-toys", "fedplug_select_clients",
+      "plugins.disable=[implements_role_hook]"]),
+    ("observer", "misspelt_hook", "MisspeltHook",
+     ["observer 'misspelt_hook'", "fedplug-toys", "toy_plugins_meta:misspelt_hook", "fedplug_round_ended",
+      "Did you mean 'fedplug_round_end'?", "plugins.disable=[misspelt_hook]"]),
+    ("observer", "wrong_argument_name", "WrongArgumentName",
+     ["observer 'wrong_argument_name'", "'clients'", "Did you mean 'client_ids'?"]),
+]
+
+
+@pytest.mark.parametrize("role, name, cls, phrases", ACTIVATION_DEFECTS, ids=[d[1] for d in ACTIVATION_DEFECTS])
+def test_new_defects_are_refused_at_activate(monkeypatch, tmp_path, role, name, cls, phrases):
+    import sys
+    from importlib import metadata
+
+    from fedplug import plugins
+
+    (tmp_path / "toy_plugins_meta.py").write_text(TOY_PLUGINS + f"\n{name} = {cls}()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    group = plugins.ROLE_GROUPS[role]
+    ep = metadata.EntryPoint(name, f"toy_plugins_meta:{name}", group)
+    real = plugins._entry_points
+    monkeypatch.setattr(plugins, "_entry_points",
+                        lambda g: real(g) + ([(ep, "fedplug-toys", "0.1")] if g == group else []))
+    selection = {"aggregator": name} if role == "aggregator" else {"aggregator": "fedavg"}
+    try:
+        with pytest.raises(plugins.PluginError) as info:
+            plugins.activate(selection, observers=(role == "observer"))
+    finally:
+        sys.modules.pop("toy_plugins_meta", None)
+    for phrase in phrases:
+        assert phrase in str(info.value), f"{phrase!r} is missing from:\n{info.value}"

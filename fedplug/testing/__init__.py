@@ -23,14 +23,28 @@ Suites, the name each is parametrized with, and the config fixture to override:
 
 Each suite also has a ``<role>_plugin`` fixture: override it to return a
 plugin object (a module, class instance...) to check one that is not
-installed.  fedplug runs the same suites over every built-in plugin
+installed.  Each role suite with a config group also composes the plugin's
+``<group>/<name>.yaml`` into fedplug's config (``test_config_file_composes``),
+and its default ``<role>_config`` is that file's node, interpolations
+resolved.  fedplug runs the same suites over every built-in plugin
 (``tests/test_contracts.py``); ``docs/plugins.md`` explains every check.
 """
 
-from fedplug.testing.aggregator import AggregatorContract
-from fedplug.testing.detector import DetectorContract
-from fedplug.testing.observer import ObserverContract, simulate_run
-from fedplug.testing.resource_policy import ResourcePolicyContract
+import pytest
+
+# The suites' checks are plain ``assert`` statements: have pytest rewrite them (as it rewrites a
+# test module's) so that a failing check shows the values involved, not just its message.
+# This must run before the suite modules are imported; the package itself is being imported
+# already, so its submodules are named one by one (naming the package would warn).
+pytest.register_assert_rewrite(*(
+    f"fedplug.testing.{module}"
+    for module in ("aggregator", "checks", "data", "detector", "loading", "observer", "plugin", "resource_policy")
+))
+
+from fedplug.testing.aggregator import AggregatorContract  # noqa: E402
+from fedplug.testing.detector import DetectorContract  # noqa: E402
+from fedplug.testing.observer import ObserverContract, simulate_run  # noqa: E402
+from fedplug.testing.resource_policy import ResourcePolicyContract  # noqa: E402
 
 __all__ = [
     "AggregatorContract",

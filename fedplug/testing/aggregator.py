@@ -30,7 +30,7 @@ import torch
 
 from fedplug.testing import checks
 from fedplug.testing.data import CountingStream, clone_state, clone_updates, make_update
-from fedplug.testing.loading import default_config, plugin_manager
+from fedplug.testing.loading import check_config_file, default_config, plugin_manager
 from fedplug.types import ClientUpdate, EmptyRoundError, StateDict
 
 
@@ -105,11 +105,16 @@ class AggregatorContract:
                 state={} if state is None else state,
             )
             assert result is not None, "no fedplug_aggregate implementation answered (it returned None)"
+            checks.assert_is_state_dict(result, "fedplug_aggregate's result")
             return result
 
         return call
 
     # -- the contract -------------------------------------------------------
+
+    def test_config_file_composes(self, aggregator_name):
+        """``aggregator/<name>.yaml`` composes into fedplug's config as a run composes it (skipped without one)."""
+        check_config_file("aggregator", aggregator_name)
 
     def test_single_update_gives_its_weights(self, aggregate, fedplug_state_dict, fedplug_client_updates):
         update = fedplug_client_updates[0]

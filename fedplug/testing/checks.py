@@ -39,6 +39,8 @@ def assert_same_layout(result: StateDict, reference: StateDict, what: str = "res
 
 def assert_states_equal(a: StateDict, b: StateDict, what: str = "result") -> None:
     """Bit-for-bit equality, dtype included."""
+    assert_is_state_dict(a, what)
+    assert_is_state_dict(b, f"the reference for {what}")
     assert set(a) == set(b), f"{what}: names differ: {sorted(set(a) ^ set(b))}"
     for name in a:
         assert a[name].dtype == b[name].dtype, f"{what}[{name!r}]: dtype {a[name].dtype} != {b[name].dtype}"
@@ -47,6 +49,8 @@ def assert_states_equal(a: StateDict, b: StateDict, what: str = "result") -> Non
 
 def assert_states_close(result: StateDict, expected: StateDict, what: str = "result") -> None:
     """Float tensors equal within float rounding; integer tensors exactly equal."""
+    assert_is_state_dict(result, what)
+    assert_is_state_dict(expected, f"the reference for {what}")
     assert set(result) == set(expected), f"{what}: names differ: {sorted(set(result) ^ set(expected))}"
     for name, exp in expected.items():
         got = result[name]
@@ -59,6 +63,7 @@ def assert_states_close(result: StateDict, expected: StateDict, what: str = "res
 
 
 def assert_finite(state: StateDict, what: str = "result") -> None:
+    assert_is_state_dict(state, what)
     for name, t in state.items():
         if t.is_floating_point():
             assert bool(torch.isfinite(t).all()), f"{what}[{name!r}] holds non-finite values"

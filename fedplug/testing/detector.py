@@ -33,7 +33,7 @@ import torch
 
 from fedplug.testing import checks
 from fedplug.testing.data import SyntheticDetectionDataset, clone_state
-from fedplug.testing.loading import default_config, plugin_identity, plugin_manager
+from fedplug.testing.loading import check_config_file, default_config, plugin_identity, plugin_manager
 from fedplug.types import DetectionStats, EvalResult, EvalSettings, TrainResult, TrainSettings
 
 
@@ -129,6 +129,10 @@ class DetectorContract:
         def call(class_names: Sequence[str], **overrides) -> torch.nn.Module:
             model = detector_hook.fedplug_build_model(config={**config, **overrides}, class_names=list(class_names))
             assert model is not None, "no fedplug_build_model implementation answered (it returned None)"
+            assert isinstance(model, torch.nn.Module), (
+                f"fedplug_build_model returned a {type(model).__module__}.{type(model).__qualname__}; "
+                "it must return a torch.nn.Module"
+            )
             return model
 
         return call
@@ -148,6 +152,13 @@ class DetectorContract:
                 state={},
             )
             assert result is not None, "no fedplug_train_round implementation answered (it returned None)"
+            assert isinstance(result, TrainResult), (
+                f"fedplug_train_round returned a {type(result).__module__}.{type(result).__qualname__}; "
+                "it must return a fedplug.types.TrainResult"
+            )
+            assert isinstance(result.ok, bool), f"TrainResult.ok is {result.ok!r}, not a bool"
+            if result.ok:
+                checks.assert_is_state_dict(result.weights, "TrainResult.weights")
             return global_weights, model, result
 
         return call
@@ -165,6 +176,16 @@ class DetectorContract:
             torch.manual_seed(0)
             fedplug_cache[key] = train()
         return fedplug_cache[key]
+
+    # -- the config file -------------------------------------------------------
+
+    def test_config_file_composes(self, detector_name):
+        """``model/<name>.yaml`` composes into fedplug's config as a run composes it (skipped without one).
+
+        It must start with ``# @package _global_`` and hold the detector's
+        settings under ``model:``, with ``model.name`` the plugin's name.
+        """
+        check_config_file("detector", detector_name)
 
     # -- building -------------------------------------------------------------
 
@@ -290,7 +311,14 @@ class DetectorContract:
         model = build(detector_class_names)
         result = detector_hook.fedplug_evaluate(model=model, dataset=detector_dataset, settings=detector_eval_settings)
         assert isinstance(result, EvalResult), f"fedplug_evaluate returned {type(result).__name__}"
-        assert result.num_examples == len(detector_dataset)
+        assert result.num_examples == len(detector_dataset), (
+            f"EvalResult.num_examples is {result.num_examples!r}; the test set has {len(detector_dataset)} images"
+        )
+        for field in ("loss", "map50", "recall"):
+            value = getattr(result, field)
+            assert isinstance(value, (int, float)) and not isinstance(value, bool), (
+                f"EvalResult.{field} is {value!r} ({type(value).__name__}); it must be a float"
+            )
         assert math.isfinite(result.loss), f"test loss is {result.loss!r}"
         assert 0.0 <= result.map50 <= 1.0, f"map50 is {result.map50!r}, outside [0, 1]"
         assert 0.0 <= result.recall <= 1.0, f"recall is {result.recall!r}, outside [0, 1]"
@@ -299,7 +327,10 @@ class DetectorContract:
         n = len(detector_class_names)
         assert stats.num_classes == n, f"stats cover {stats.num_classes} classes, the model has {n}"
         # from_json checks list lengths and counts, as the server does on a client's message.
-        DetectionStats.from_json(stats.to_json())
+        try:
+            DetectionStats.from_json(stats.to_json())
+        except (TypeError, ValueError) as exc:
+            pytest.fail(f"EvalResult.stats would be refused by the server: {exc}")
         assert stats.num_ground_truth == detector_dataset.ground_truth_per_class(), (
             f"num_ground_truth is {stats.num_ground_truth}; the test set has "
             f"{detector_dataset.ground_truth_per_class()} boxes per class"

@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import pytest
 
-from fedplug.testing.loading import default_config, plugin_manager
+from fedplug.testing.loading import check_config_file, default_config, plugin_manager
 from fedplug.types import ResourceDecision, ResourceReport
 
 CONTACTED = ("client-a", "client-b", "client-c", "client-d")
@@ -77,6 +77,12 @@ class ResourcePolicyContract:
 
         return call
 
+    # -- the config file -------------------------------------------------------
+
+    def test_config_file_composes(self, resource_policy_name):
+        """``resource_policy/<name>.yaml`` composes into fedplug's config (skipped without one)."""
+        check_config_file("resource_policy", resource_policy_name)
+
     # -- measurement -----------------------------------------------------------
 
     def test_measure_returns_a_valid_report_quickly(self, resource_policy_hook, resource_policy_config):
@@ -93,6 +99,9 @@ class ResourcePolicyContract:
             load = report.load
             assert isinstance(load, (int, float)) and math.isfinite(load) and 0.0 <= load <= 1.0, (
                 f"load is {load!r}; it must be a number within [0, 1]"
+            )
+            assert isinstance(report.details, Mapping), (
+                f"ResourceReport.details is a {type(report.details).__name__}; it must be a mapping of names to numbers"
             )
             for key, value in dict(report.details).items():
                 assert isinstance(key, str) and isinstance(value, (int, float)), (
@@ -128,6 +137,9 @@ class ResourcePolicyContract:
     def _check_decision(decision: Any, contacted: Sequence[str]) -> None:
         assert isinstance(decision, ResourceDecision), (
             f"fedplug_select_clients returned {type(decision).__name__}, not a ResourceDecision"
+        )
+        assert isinstance(decision.selected, (tuple, list)), (
+            f"ResourceDecision.selected is a {type(decision.selected).__name__}; it must be a tuple of client ids"
         )
         selected = tuple(decision.selected)
         assert all(isinstance(c, str) for c in selected), f"selected holds non-strings: {selected!r}"
