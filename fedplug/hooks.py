@@ -74,7 +74,12 @@ def fedplug_aggregate(
     """Combine one round's client updates into the next global weights.
 
     Called by the server once per round, in a worker thread (never on the
-    event loop), as soon as the round's first update has been accepted.
+    event loop), when the round's ``request_update`` goes out: *before* any
+    update has arrived.  The first iteration of ``updates`` blocks until the
+    first update is accepted, so aggregation overlaps the clients' training.
+    If the round closes without any accepted update the stream ends empty:
+    raise :class:`~fedplug.types.EmptyRoundError` (the server then counts the
+    round as failed; the global model is unchanged).
 
     :param global_weights: the global model's full state (parameters and
         buffers) that the clients started this round from.  Read-only.
@@ -109,7 +114,10 @@ def fedplug_aggregator_round_settings(
     :class:`~fedplug.types.TrainSettings`.  Only JSON values.
 
     :return: a mapping of :class:`~fedplug.types.TrainSettings` field names to
-        values, or ``None`` for nothing.
+        values, or ``None`` for nothing.  They override the run's ``train:``
+        settings for this round.  A key that is not a ``TrainSettings`` field
+        is not an error: it reaches the detector in ``settings.extra`` (a dict),
+        e.g. ``{"my_hint": 3}`` gives ``settings.extra["my_hint"] == 3``.
     """
 
 

@@ -62,7 +62,11 @@ def simulate_run(hook, run_dir: Path, config: dict, rounds: int = 2, clients=("c
             map50=0.1 * r if evaluated else None,
             recall=0.2 * r if evaluated else None,
             seconds=0.5,
-            per_client={c: {"train_loss": 1.0 / r, "num_examples": 10.0} for c in clients},
+            # the server's shape: train_* for each accepted update, test_* for each evaluating client
+            per_client={c: {"train_loss": 1.0 / r, "train_size": 10.0,
+                            **({"test_loss": 0.9 / r, "map50": 0.1 * r, "recall": 0.2 * r, "test_size": 4.0}
+                               if evaluated else {})}
+                        for c in clients},
         )
         snapshot = (clone_state(new), clone_state(weights))
         hook.fedplug_round_end(record=record, global_weights=new, previous_weights=weights)
