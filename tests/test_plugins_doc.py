@@ -45,3 +45,27 @@ def test_entry_point_groups_and_suites_are_documented(doc):
         assert suite in doc, f"fedplug.testing.{suite} is not documented"
     for topic in ("plugins.disable", "# @package _global_", "fedplug.testing.plugin", "EmptyRoundError"):
         assert topic in doc, f"{topic} is not documented"
+
+
+@pytest.mark.parametrize("topic", [
+    # RoundRecord.per_client's shape and keys
+    "`record.per_client`", "`train_size`", "`test_size`",
+    # unknown round-settings keys
+    "settings.extra",
+    # when fedplug_aggregate starts
+    "before any update has arrived",
+    # the label convention of one-stage detectors
+    "num_classes=K + 1", "labels\"] + 1",
+    # logging, public API, test helpers, the values hooks exchange
+    'logging.getLogger("fedplug.', "fedplug_plugins.detectors.engine", "register_object", "`ResourceDecision`",
+    # the search path and config-file checks
+    "SearchPathPlugin", "test_config_file_composes",
+])
+def test_plugin_author_topics_are_documented(doc, topic):
+    assert topic in doc, f"docs/plugins.md does not mention {topic!r}"
+
+
+def test_aggregate_docstring_says_when_it_starts():
+    text = inspect.getdoc(hooks.fedplug_aggregate)
+    assert "first update has been accepted" not in text  # the server starts it before any update
+    assert "request_update" in text and "before" in text
