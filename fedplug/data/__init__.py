@@ -6,8 +6,11 @@ Who calls what, and when:
   once at start-up with the ``data`` config group: it generates the synthetic
   data if needed, checks the dataset, works out one *client spec* per client
   (a small JSON-able dict) and a printable summary of each client's class counts;
+  when the test set is shared (the Street release), ``Federation.shared_test``
+  describes it;
 - a stand-alone server (``mode=server``) calls :func:`class_names_of` to learn
-  the class list it sends to clients in ``init``;
+  the class list it sends to clients in ``init``; a server evaluating on a
+  held-out set opens it with :func:`open_eval_data`;
 - every client calls :func:`open_client_data` with its spec (``client.data``
   in ``mode=client``; filled in by the launcher in ``mode=embedded``) and the
   class names from the server, and hands ``ClientData.train`` /
@@ -17,7 +20,7 @@ Who calls what, and when:
 A client spec, by format (paths may be relative to the working directory)::
 
     {"format": "voc", "path": "/data/site1", "train_split": "train", "test_split": "test"}
-    {"format": "street_json", "path": "/data/street", "images_dir": "images",
+    {"format": "street_json", "path": "/data/street", "images_dir": "images", "test_split": None,
      "partition": {"method": "group", "group_key": "device1_id", "num_clients": 5, "client_index": 2}}
     {"format": "coco", "path": "/data/coco", "train_ann": "annotations/train.json", "train_images": "train",
      "test_ann": "annotations/test.json", "test_images": "test",
@@ -25,8 +28,12 @@ A client spec, by format (paths may be relative to the working directory)::
 
 Optional in every spec: ``partition`` (share one dataset among simulated
 clients; see :mod:`fedplug.data.partition`), ``drop_difficult_train`` (leave
-``difficult`` objects out of training) and ``augment`` (used when the
-``augment`` argument is ``None``).  Everything is documented in ``docs/data.md``.
+``difficult`` objects out of training), ``augment`` (used when the
+``augment`` argument is ``None``) and ``on_bad_image`` (``fail`` | ``skip`` an
+image that does not decode; see :mod:`fedplug.data.images`).  ``test_split:
+None`` marks a client whose test set is shared: its ``ClientData.test`` is
+empty and the server evaluates on ``Federation.shared_test``.  Everything is
+documented in ``docs/data.md``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 The format loaders (:mod:`~fedplug.data.voc`, :mod:`~fedplug.data.street`,
 :mod:`~fedplug.data.coco`) parse their annotation files once, at construction,
 into a list of :class:`ImageRecord` (paths and small NumPy arrays; no pixels),
-so a malformed dataset fails at start-up.  :class:`DetectionDataset` then serves
+so a malformed dataset fails at start-up; :meth:`DetectionDataset._set_records`
+then decode-checks every image (:mod:`~fedplug.data.images`) and fits the boxes
+to their image (:mod:`~fedplug.data.checks`).  :class:`DetectionDataset` then serves
 ``(image, target)`` pairs in torchvision's detection contract, decoding one
 image per ``__getitem__``:
 
@@ -170,7 +172,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         image = load_rgb(self.records[index].path)
         target = self.annotation(index)
         _, height, width = image.shape
-        target = clip_target(target, width, height)
+        target = clip_target(target, width, height)  # boxes were fitted at start-up; this guards a file replaced since
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target

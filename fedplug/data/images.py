@@ -62,7 +62,7 @@ def _decode_check(path: Path) -> tuple[int, int] | str:
             size = img.size
             if img.format == "JPEG":
                 # Decode at 1/8 scale: libjpeg still reads every coefficient, so a
-                # truncated or corrupt stream fails as in a full decode, at a fraction of the cost.
+                # truncated or corrupt stream fails as in a full decode, but skips the full-size IDCT.
                 img.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
             img.load()
     except DECODE_ERRORS as exc:
