@@ -169,3 +169,40 @@ def test_pretrained_weights_that_are_not_on_this_machine_stop_the_run_at_start_u
                     tmp_path=tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "could not be built" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
+
+
+def _embedded_with_a_client_killed(tmp_path, *extra):
+    """An embedded run of 3 clients, one of which is SIGKILLed once round 1 has begun."""
+    import psutil
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fedplug", "run.rounds=3", "resource_policy=always", *TINY,
+                             *extra, f"hydra.run.dir={run_dir}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=_env(tmp_path), cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            events = read_events(run_dir / "events.jsonl") if (run_dir / "events.jsonl").exists() else []
+            if any(e["event"] == "request_update" for e in events):
+                break
+            time.sleep(0.5)
+        clients = sorted((c for c in psutil.Process(proc.pid).children() if "mode=client" in c.cmdline()),
+                         key=lambda c: " ".join(c.cmdline()))
+        assert len(clients) == 3
+        victim = next(a.split("=", 1)[1] for a in clients[-1].cmdline() if a.startswith("client.client_id="))
+        clients[-1].kill()
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out, run_dir, victim
+
+
+def test_an_embedded_run_that_lost_a_client_process_does_not_exit_0(tmp_path):
+    code, out, run_dir, victim = _embedded_with_a_client_killed(tmp_path)
+    # the rounds still ran with the two clients left (quorum 0.5) ...
+    rows = (run_dir / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 3, out[-3000:]
+    # ... but the results miss a site's data, and the exit status says so
+    assert code == 1, out[-3000:]
+    assert victim in out and "died during the run" in out and "run.fail_on_client_exit=false" in out
