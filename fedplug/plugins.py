@@ -397,8 +397,8 @@ def register_object(pm: pluggy.PluginManager, role: str, name: str, obj: object,
 # ---------------------------------------------------------------------------
 
 
-def _config_file(group: str, choice: str) -> str:
-    """Where ``<group>/<choice>.yaml`` is found first in the search path, for messages."""
+def _find_config_file(group: str, choice: str):
+    """``(description, file)`` of the ``<group>/<choice>.yaml`` Hydra uses (first in the search path), or ``None``."""
     try:
         from importlib import resources
 
@@ -408,12 +408,36 @@ def _config_file(group: str, choice: str) -> str:
             try:
                 entry = resources.files(c.package) / group / f"{choice}.yaml"
                 if entry.is_file():
-                    return f"{group}/{choice}.yaml (in {c.describe()}: {entry})"
+                    return f"{group}/{choice}.yaml (in {c.describe()}: {entry})", entry
             except Exception:  # noqa: BLE001
                 continue
     except Exception:  # noqa: BLE001
         pass
-    return f"{group}/{choice}.yaml"
+    return None
+
+
+def _config_file(group: str, choice: str) -> str:
+    """Where ``<group>/<choice>.yaml`` is found first in the search path, for messages."""
+    found = _find_config_file(group, choice)
+    return found[0] if found else f"{group}/{choice}.yaml"
+
+
+def _name_in_file(group: str, choice: str) -> Any:
+    """The ``name:`` written in the file itself (``model.name`` for a model file), or ``None``."""
+    found = _find_config_file(group, choice)
+    if found is None:
+        return None
+    try:
+        import yaml
+
+        data = yaml.safe_load(found[1].read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001
+        return None
+    if not isinstance(data, dict):
+        return None
+    if group == "model" and isinstance(data.get("model"), dict):
+        data = data["model"]
+    return data.get("name")
 
 
 def check_plugin_configs(cfg: Any, choices: Mapping[str, Any]) -> None:
@@ -468,7 +492,9 @@ def check_plugin_configs(cfg: Any, choices: Mapping[str, Any]) -> None:
             )
         if not isinstance(name, str):
             continue
-        if name != choice:
+        # Only the file's own name: counts: model.name=x on the command line is the user's choice,
+        # and an unknown x gets the usual "not available" error.
+        if name != choice and _name_in_file(group, choice) == name:
             installed = discover(role)
             if name not in installed and choice in installed:
                 info = installed[choice][0][0]

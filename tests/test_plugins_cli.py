@@ -144,3 +144,10 @@ def test_file_whose_name_differs_from_the_entry_point_says_what_is_wrong(tmp_pat
     out = run.stdout
     assert "aggregator/foo.yaml" in out and "'foo_aggregator'" in out and "Set name: foo" in out, out
     assert "install the package" not in out.lower()
+
+
+def test_name_overridden_on_the_command_line_is_not_blamed_on_the_file(foo_plugin):
+    run = fedplug("aggregator=foo", "aggregator.name=nosuchaggregator", "mode=server", path=foo_plugin)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "Set name:" not in run.stdout
+    assert "aggregator 'nosuchaggregator' is not available" in run.stdout, run.stdout
