@@ -113,7 +113,8 @@ def _article(kind: str) -> str:
 
 
 def check_group_values(
-    values: Sequence[Any], names: Sequence[str] | None = None, key: str = "group key", source: str = ""
+    values: Sequence[Any], names: Sequence[str] | None = None, key: str = "group key", source: str = "",
+    items: str = "image(s)",
 ) -> None:
     """Refuse group values that would silently reshape the group-to-client mapping.
 
@@ -122,7 +123,7 @@ def check_group_values(
     to another client, and ``3`` and ``"3"`` split one camera between two.
     The message names the images (their ids) and the offending values.
     """
-    names = list(names) if names is not None else [f"image {i}" for i in range(len(values))]
+    names = list(names) if names is not None else [f"{items.removesuffix('(s)')} {i}" for i in range(len(values))]
     kinds = Counter(_kind(v) for v in values)
     bad_kinds = {"null"} if "null" in kinds else set()
     rest = [k for k in kinds if k != "null"]
@@ -136,7 +137,7 @@ def check_group_values(
     usual = ", ".join(sorted(k for k in rest if k not in bad_kinds)) or "none"
     where = f"{source}: " if source else ""
     raise DatasetError(
-        f"{where}{len(bad)} image(s) have a {key} that is {' or '.join(_article(k) for k in sorted(bad_kinds))} while the others are "
+        f"{where}{len(bad)} {items} have a {key} that is {' or '.join(_article(k) for k in sorted(bad_kinds))} while the others are "
         f"{usual}s: {shown}. Every image needs a {key} of the same kind (e.g. all integers) so each camera "
         "goes to exactly one client; fix those entries"
     )
@@ -152,7 +153,7 @@ def group_assignment(group_sizes: Mapping[Hashable, int], num_clients: int) -> d
     error (:func:`check_group_values`), never a silent remapping.
     """
     _check_clients(num_clients)
-    check_group_values(list(group_sizes), [f"group {v!r}" for v in group_sizes])
+    check_group_values(list(group_sizes), [f"group {v!r}" for v in group_sizes], items="group(s)")
     values = sorted(group_sizes, key=_sort_key)
     if len(values) < num_clients:
         raise DatasetError(
