@@ -21,8 +21,10 @@ StateDict = dict  # dict[str, torch.Tensor]: a model's full state (parameters an
 class EmptyRoundError(ValueError):
     """Raised by an aggregator that received no update for a round.
 
-    The server never calls an aggregator without at least one accepted update,
-    so seeing this error means a plugin was called directly (e.g. by a test).
+    The server starts the aggregation hook when ``request_update`` goes out,
+    before any update arrived, so the stream can end empty (every client failed
+    or missed the deadline): raise this then.  The server treats it as a missed
+    quorum (the round is retried or the run fails), not as a plugin defect.
     """
 
 
