@@ -71,6 +71,12 @@ def test_fedplug_plugins_lists_it(plugin_env):
     assert ["observer", "model_drift", DIST, "0.1.0", "fedplug_example.drift"] in rows
 
 
+def test_hydra_flags_after_its_overrides_work(plugin_env, tmp_path):
+    # with a plugin config package installed, --cfg job after the overrides is still Hydra's flag
+    job = plugin_env.run("-m", "fedplug", "aggregator=fedavg_clipped", "--cfg", "job", cwd=tmp_path).stdout
+    assert "name: fedavg_clipped" in job and "max_norm" in job
+
+
 def test_its_own_contract_tests_pass(plugin_env):
     # Run from outside the source copy, so the tests import the *installed* package.
     proc = plugin_env.run(
