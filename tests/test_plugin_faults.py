@@ -320,3 +320,39 @@ def test_one_run_per_directory(tmp_path):
     again = RunDirLock(run_dir, run_dir)
     assert not stale.exists()
     again.release()
+
+
+class ReadingTrainer(ToyTrainer):
+    """Reads every training image, as a real detector does."""
+
+    @hookimpl
+    def fedplug_train_round(self, model, dataset, settings, global_weights, state):
+        for i in range(len(dataset)):
+            dataset[i]
+        return super().fedplug_train_round(model=model, dataset=dataset, settings=settings,
+                                           global_weights=global_weights, state=state)
+
+
+class CorruptAfterRound1:
+    """An observer that breaks one of site1's JPEGs once round 1 is done (a disk going bad mid-run)."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    @hookimpl
+    def fedplug_round_end(self, record, global_weights, previous_weights):
+        if record.round_number == 1:
+            for jpg in sorted((self.folder / "JPEGImages").glob("*.jpg")):
+                jpg.write_bytes(b"\xff\xd8 not a jpeg any more")
+
+
+def test_data_that_breaks_mid_run_fails_that_round_and_the_client_stays(tmp_path, folders):
+    server_plugins = _plugins(ToyTrainer())
+    server_plugins.pm.register(CorruptAfterRound1(folders[1]), name="observer:corrupt")
+    status, codes, server, lines = _federate(
+        tmp_path, folders, server_plugins, [ReadingTrainer(), ReadingTrainer()], "run.rounds=2")
+    assert status == 0 and codes == [0, 0]
+    assert [r.participants for r in server.history] == [("site0", "site1"), ("site0",)]
+    failed = [e for e in read_events(tmp_path / "run" / "events.jsonl") if e["event"] == "update_failed"]
+    assert len(failed) == 1 and failed[0]["client_id"] == "site1" and failed[0]["round"] == 2
+    assert "DatasetError" in failed[0]["reason"] and ".jpg" in failed[0]["reason"]
