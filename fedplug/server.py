@@ -497,6 +497,11 @@ class FederationServer:
                     break
             else:
                 reason = "completed"
+            last = self.history[-1] if self.history else None
+            if last is not None and last.round_number >= self.start_round and not last.evaluated_by:
+                # the last round is always evaluated: no figures means every evaluator failed
+                raise RunFailed(f"round {last.round_number}'s evaluation produced no figures (every evaluator "
+                                "failed; their reasons are above), so the run cannot report a result")
             status = 0  # every round ran (or early stopping ended the run as asked)
         except RunFailed as exc:
             reason, status = f"failed: {exc}", 1

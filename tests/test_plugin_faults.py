@@ -356,3 +356,11 @@ def test_data_that_breaks_mid_run_fails_that_round_and_the_client_stays(tmp_path
     failed = [e for e in read_events(tmp_path / "run" / "events.jsonl") if e["event"] == "update_failed"]
     assert len(failed) == 1 and failed[0]["client_id"] == "site1" and failed[0]["round"] == 2
     assert "DatasetError" in failed[0]["reason"] and ".jpg" in failed[0]["reason"]
+
+
+def test_a_run_whose_evaluations_all_fail_does_not_exit_0(tmp_path, folders):
+    status, codes, server, lines = _federate(
+        tmp_path, folders, _plugins(ToyTrainer()), [ToyTrainer(bad_eval=True), ToyTrainer(bad_eval=True)])
+    assert status == 1
+    assert any("evaluation produced no figures" in line for line in lines)
+    assert all("run finished: failed" in line for line in lines if "run finished:" in line)
