@@ -17,7 +17,7 @@ from fedplug.outputs import read_events
 from fedplug.plugins import ActivePlugins, PluginInfo, load_plugin, new_manager
 from fedplug.server import FederationServer, RunFailed
 from fedplug.types import DetectionStats, EvalResult, ResourceDecision, TrainResult
-from scripted import ToyDetector, compose_cfg
+from scripted import ToyDetectorPlugin, compose_cfg
 
 CLASSES = ("car", "person", "sign")
 FAKE = PluginInfo("detector", "toy", "toy:Toy", "fedplug-test-plugins", "0.0")
@@ -33,7 +33,7 @@ def _stats(hit: bool) -> DetectionStats:
     return stats
 
 
-class ToyTrainer:
+class ToyTrainer(ToyDetectorPlugin):
     """A detector that trains by nudging weights and reports ``steps``; ``fail_rounds`` raise."""
 
     def __init__(self, fail_rounds=(), bad_eval=False, hit=True, fail_first=0):
@@ -41,11 +41,6 @@ class ToyTrainer:
         self.fail_first = fail_first  # this many training calls raise, whatever their round
         self.bad_eval = bad_eval
         self.hit = hit
-
-    @hookimpl
-    def fedplug_build_model(self, config, class_names):
-        torch.manual_seed(0)
-        return ToyDetector(len(class_names))
 
     @hookimpl
     def fedplug_train_round(self, model, dataset, settings, global_weights, state):
