@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 
 from fedplug.client import FederationClient
 from fedplug.hooks import hookimpl
