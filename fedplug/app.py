@@ -45,6 +45,11 @@ def print_plugins() -> int:
     return 0
 
 
+def plugins_command(args: list[str]) -> int:
+    """``fedplug plugins``: list installed plugins."""
+    return print_plugins()
+
+
 def _quiet_console() -> None:
     """Hydra logs to the console and to <run_dir>/<job>.log; keep the console for progress lines."""
     for handler in logging.getLogger().handlers:
@@ -300,8 +305,11 @@ def check_selected_plugins(args: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point of ``fedplug`` and ``python -m fedplug``."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["plugins"]:
-        sys.exit(print_plugins())
+    from fedplug.cli import find
+
+    command = find(args)
+    if command is not None:
+        sys.exit(command(args[1:]))
     check_selected_plugins(args)
     from fedplug.searchpath import startup_warnings
 

@@ -50,6 +50,9 @@ class EventLog:
         self._file = open(self.path, "a", encoding="utf-8", buffering=1)
         self.failed = False  # a write failed (e.g. disk full): later events may be missing
         self._t0 = time.time()
+        # live subscribers (the dashboard, the terminal progress view): called with every row as it
+        # is written, and with rows published but not logged (transfer progress); never fatal
+        self.listeners: list = []
 
     def write(self, event: str, direction: str, round_number: int | None = None,
               client_id: str | None = None, **extra: Any) -> None:
@@ -57,6 +60,7 @@ class EventLog:
                "round": round_number, "client_id": client_id}
         row.update({k: _clean(v) for k, v in extra.items()})
         line = json.dumps(row, default=str)
+        self._tell(row)
         with self._lock:
             if self._file.closed:
                 return
@@ -66,6 +70,17 @@ class EventLog:
                 if not self.failed:
                     self.failed = True
                     logging.getLogger("fedplug.outputs").error("cannot write the event log %s: %s", self.path, exc)
+
+    def publish(self, event: str, **fields: Any) -> None:
+        """Tell the live subscribers something not worth a line in the log (e.g. bytes transferred so far)."""
+        self._tell({"time": round(time.time(), 4), "event": event, "live": True, **fields})
+
+    def _tell(self, row: dict) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(row)
+            except Exception:  # a broken view must not stop the run or the log
+                logging.getLogger("fedplug.outputs").exception("event listener %r failed", listener)
 
     def close(self) -> None:
         with self._lock:
@@ -122,6 +137,21 @@ class RunOutputs:
         full["participants"] = list(record.participants)
         with open(self.metrics_jsonl, "a", encoding="utf-8") as f:
             f.write(json.dumps(full, default=_clean) + "\n")
+
+    def commit_round(self, record: RoundRecord, global_weights: StateDict, meta: Mapping[str, Any],
+                     is_best: bool, aggregator_state: Mapping[str, Any], history: Sequence[RoundRecord],
+                     best: Mapping[str, Any]) -> None:
+        """Everything a finished round leaves on disk: checkpoints, resume point, then its metrics row.
+
+        Called by the server once per round, in a worker thread, after aggregation
+        and evaluation.  The metrics row comes last, so a failed write never leaves
+        a row for a round whose checkpoint is not on disk.
+        """
+        self.save_checkpoint("last", global_weights, meta)
+        if is_best:
+            self.save_checkpoint("best", global_weights, meta)
+        self.save_resume_point(record.round_number, aggregator_state, history, best)
+        self.record_round(record)
 
     def save_checkpoint(self, name: str, weights: StateDict, meta: Mapping[str, Any]) -> Path:
         path = self.checkpoint_dir / f"{name}.safetensors"

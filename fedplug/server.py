@@ -94,6 +94,11 @@ class FederationServer:
         self.app = web.Application(client_max_size=self.max_bytes)
         self.sio.attach(self.app)
         self.app.router.add_get("/status", self._http_status)
+        dashboard = cfg.get("dashboard")
+        if dashboard is not None and bool(dashboard.get("enabled", False)):
+            from fedplug.dashboard import attach  # routes on this server's own port, fed by self.events.listeners
+
+            attach(self)
         self.runner: web.AppRunner | None = None
         self.port: int | None = None
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="fedplug-server")
@@ -713,12 +718,12 @@ class FederationServer:
     def _write_round(self, record: RoundRecord) -> None:
         meta = {"round": record.round_number, "map50": record.map50, "test_loss": record.test_loss,
                 "model": self.model_cfg.get("name"), "class_names": list(self.class_names)}
-        self.outputs.save_checkpoint("last", self.global_weights, meta)
-        if record.map50 is not None and (self.best.get("map50") is None or record.map50 > self.best["map50"]):
-            self.best = {"round": record.round_number, "map50": record.map50, "test_loss": record.test_loss}
-            self.outputs.save_checkpoint("best", self.global_weights, meta)
-        self.outputs.save_resume_point(record.round_number, self.aggregator_state, self.history, self.best)
-        self.outputs.record_round(record)
+        is_best = record.map50 is not None and (self.best.get("map50") is None or record.map50 > self.best["map50"])
+        best = {"round": record.round_number, "map50": record.map50, "test_loss": record.test_loss} if is_best \
+            else self.best
+        self.outputs.commit_round(record, self.global_weights, meta, is_best, self.aggregator_state,
+                                  self.history, best)
+        self.best = best
 
     def _print_round(self, r: RoundRecord) -> None:
         def f(v):
