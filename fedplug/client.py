@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import math
 import os
+import random
 import socket
 import time
 from typing import Any, Mapping
@@ -24,6 +25,7 @@ import socketio
 import torch
 
 from fedplug import protocol as P
+from fedplug import transfer
 from fedplug.plugins import activate
 from fedplug.evaluation import eval_settings_from
 from fedplug.types import EvalResult, ResourceReport, TrainResult, TrainSettings
@@ -69,9 +71,20 @@ def train_settings_from(message: Mapping[str, Any], round_number: int, device: s
 
 
 class FederationClient:
+    """One site.  :meth:`run` connects, keeps reconnecting, answers the server, and returns the exit status.
+
+    Exit statuses: 0 the run finished; 2 this site cannot take part (setup failed);
+    3 the server was never reached; 4 the server was lost and did not come back
+    within ``reconnect_timeout_s``; 5 the embedded server that started this
+    process is gone.
+    """
+
     def __init__(self, server_url: str, client_id: str | None, data_spec: Mapping[str, Any],
                  device: str = "cpu", token: str | None = None, augment: Mapping | None = None,
-                 reconnect_attempts: int = 20, max_message_mb: float = 1024, echo=print):
+                 reconnect_attempts: int = 0, max_message_mb: float = 1024, echo=print,
+                 reconnect_timeout_s: float = 86400.0, reconnect_delay_max_s: float = 30.0,
+                 call_timeout_s: float = 120.0, protocol_version: int = P.PROTOCOL_VERSION,
+                 parent_pid: int | None = None):
         self.server_url = server_url
         self.client_id = client_id or f"{socket.gethostname()}-{os.getpid()}"
         self.data_spec = dict(data_spec)
@@ -81,11 +94,20 @@ class FederationClient:
         self.echo = echo
         max_bytes = int(max_message_mb * 1024 * 1024)
         self.max_bytes = max_bytes
-        self.sio = socketio.AsyncClient(
-            reconnection=True, reconnection_attempts=reconnect_attempts, reconnection_delay=0.5,
-            reconnection_delay_max=5, logger=False, engineio_logger=False,
-            websocket_extra_options={"max_msg_size": max_bytes},
-        )
+        # reconnecting is ours, not python-socketio's: its loop gives up silently after its attempts
+        # (leaving a task behind that hides the give-up), and has no notion of a day-long outage
+        self.reconnect_timeout_s = float(reconnect_timeout_s)
+        self.reconnect_delay_max_s = float(reconnect_delay_max_s)
+        self.reconnect_attempts = int(reconnect_attempts)  # 0: bounded by time only
+        self.call_timeout_s = float(call_timeout_s)
+        self.protocol_version = int(protocol_version)
+        self.parent_pid = parent_pid
+        self.sio = socketio.AsyncClient(reconnection=False, logger=False, engineio_logger=False,
+                                        websocket_extra_options={"max_msg_size": max_bytes})
+        self._last_rx = time.monotonic()  # last packet of any kind (heartbeats included) from the server
+        self._watch_heartbeats()
+        self.joined = asyncio.Event()  # connected and greeted (init handled): answers may be sent
+        self._lost_at: float | None = None
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedplug-client")
         self.work_lock = asyncio.Lock()
         self.done = asyncio.Event()
@@ -96,16 +118,86 @@ class FederationClient:
         self.data = None
         self.init_config: dict | None = None
         self.train_state: dict = {}
+        # (phase, round) -> "working" | "sending" | "sent", and the answer to re-deliver when the
+        # server asks again (it re-sends a phase's request to a client that rejoins owing the answer)
+        self.jobs: dict[tuple[str, int], str] = {}
+        self.answers: dict[tuple[str, int], tuple[dict, bytes | None]] = {}
+        self._weights_cache: tuple[str, bytes] | None = None  # (sha256, bytes) of the last download
         # how this client finds the detector and policy the server names; tests put in-process plugins here
         self.activate_plugins = activate
         self._register_handlers()
 
-    async def _send(self, event: str, payload: dict, wait: float = 120.0) -> None:
-        """Emit, waiting (bounded) for a reconnect first: an update trained during an outage is not lost."""
-        deadline = time.monotonic() + wait
-        while not self.sio.connected and time.monotonic() < deadline and not self.done.is_set():
-            await asyncio.sleep(0.2)
-        await self.sio.emit(event, payload)
+    # ------------------------------------------------------------------ connection
+
+    def _watch_heartbeats(self) -> None:
+        """Stamp every packet the server sends, so :meth:`_check_heartbeat` can tell a dead link.
+
+        Engine.IO's own read timeout cannot be trusted here: when the link dies while a send
+        is blocked on a full TCP buffer, its read loop waits for the blocked writer for ever.
+        """
+        eio = self.sio.eio
+        receive = eio._receive_packet
+
+        async def stamped(pkt):
+            self._last_rx = time.monotonic()
+            return await receive(pkt)
+
+        eio._receive_packet = stamped
+
+    def heartbeat_limit(self) -> float:
+        """Seconds of silence after which the server counts as gone: its ping interval + timeout + 5 s."""
+        eio = self.sio.eio
+        return float(eio.ping_interval or 25) + float(eio.ping_timeout or 20) + 5.0
+
+    def _check_heartbeat(self) -> None:
+        if not self.sio.connected:
+            return
+        silent = time.monotonic() - self._last_rx
+        if silent > self.heartbeat_limit():
+            self.echo(f"[{self.client_id}] no heartbeat from the server for {silent:.0f}s; "
+                      "dropping the connection to reconnect")
+            self._abort_transport()
+
+    def _abort_transport(self) -> None:
+        """Close the TCP connection under the WebSocket at once, unblocking a send stuck on a dead link."""
+        ws = getattr(self.sio.eio, "ws", None)
+        transport = getattr(getattr(ws, "_writer", None), "transport", None)
+        if transport is not None:
+            transport.abort()
+        else:
+            asyncio.get_running_loop().create_task(self.sio.eio.disconnect(abort=True))
+
+    async def _wait_joined(self) -> bool:
+        """Wait until connected and greeted again; False when the run ended or the server stays gone."""
+        while not self.joined.is_set():
+            if self.done.is_set():
+                return False
+            try:
+                await asyncio.wait_for(self.joined.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+        return True
+
+    async def _send(self, event: str, payload: dict) -> bool:
+        """Emit once connected and greeted: an answer computed during an outage goes out after it."""
+        while await self._wait_joined():
+            try:
+                await self.sio.emit(event, payload)
+                return True
+            except (socketio.exceptions.BadNamespaceError, socketio.exceptions.ConnectionError):
+                self.joined.clear()  # the connection went in between; wait for the next one
+        return False
+
+    async def _call(self, event: str, payload: dict) -> Any:
+        """An acknowledged request (v2 transfers), retried across reconnects until the run ends."""
+        while await self._wait_joined():
+            try:
+                return await self.sio.call(event, payload, timeout=self.call_timeout_s)
+            except socketio.exceptions.TimeoutError:
+                log.warning("%s: no acknowledgement within %.0fs; asking again", event, self.call_timeout_s)
+            except (socketio.exceptions.BadNamespaceError, socketio.exceptions.ConnectionError):
+                self.joined.clear()
+        raise asyncio.CancelledError("the run ended during a transfer")
 
     async def _offload(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -147,14 +239,20 @@ class FederationClient:
         @sio.event
         async def connect():
             log.info("connected to %s", self.server_url)
+            self._last_rx = time.monotonic()
             await sio.emit(P.CLIENT_WAKE_UP, {
-                "client_id": self.client_id, "protocol_version": P.PROTOCOL_VERSION,
+                "client_id": self.client_id, "protocol_version": self.protocol_version,
                 "token": self.token, "info": {"device": self.device, "host": socket.gethostname()},
             })
 
         @sio.event
         async def disconnect(*args):
-            log.warning("disconnected from the server; python-socketio reconnects unless the run ended")
+            self.joined.clear()
+            if self.done.is_set():
+                return
+            self._lost_at = time.monotonic()
+            self.echo(f"[{self.client_id}] lost the server at {self.server_url}; reconnecting "
+                      f"(for up to {self.reconnect_timeout_s:g}s, client.reconnect_timeout_s)")
 
         @sio.on(P.INIT)
         async def init(data):
@@ -179,6 +277,12 @@ class FederationClient:
 
         @sio.on(P.PROTOCOL_ERROR)
         async def protocol_error(data):
+            data = data if isinstance(data, dict) else {}
+            if (data.get("event") == P.CLIENT_WAKE_UP and "protocol version" in str(data.get("reason"))
+                    and self.protocol_version > 1):
+                self.protocol_version = 1  # an older server: speak version 1 on the next connection
+                self.echo(f"[{self.client_id}] the server does not speak protocol version 2; using version 1")
+                return
             self.echo(f"[{self.client_id}] the server rejected {data.get('event')}: {data.get('reason')}")
 
     # ------------------------------------------------------------------ handlers
@@ -204,17 +308,35 @@ class FederationClient:
         return len(self.data.train), len(self.data.test)
 
     async def _on_init(self, data: dict) -> None:
-        async with self.work_lock:
-            try:
-                num_train, num_test = await self._offload(self._setup, data)
-            except Exception as exc:  # a missing plugin, dataset or weights file: say which, and leave
-                log.exception("setup failed")
-                self.echo(f"[{self.client_id}] cannot take part: {type(exc).__name__}: {exc}")
-                self.exit_status = 2
-                self.done.set()
-                return
-            await self.sio.emit(P.CLIENT_READY, {"client_id": self.client_id,
-                                                 "num_train": num_train, "num_test": num_test})
+        if isinstance(data, dict) and data.get("protocol_version") in P.SUPPORTED_VERSIONS:
+            self.protocol_version = int(data["protocol_version"])  # what the server agreed to speak
+        if self.data is not None and self.init_config is not None:
+            # a reconnect: setup is cheap then, and must not wait behind a training job holding the lock
+            num_train, num_test = await self._offload_setup(data)
+        else:
+            async with self.work_lock:
+                num_train, num_test = await self._offload_setup(data)
+        if num_train < 0:
+            return
+        await self.sio.emit(P.CLIENT_READY, {"client_id": self.client_id,
+                                             "num_train": num_train, "num_test": num_test})
+        self.joined.set()
+
+    async def _offload_setup(self, data: dict) -> tuple[int, int]:
+        try:
+            if self.init_config is not None and self._same_setup(data):
+                return len(self.data.train), len(self.data.test)
+            return await self._offload(self._setup, data)
+        except Exception as exc:  # a missing plugin, dataset or weights file: say which, and leave
+            log.exception("setup failed")
+            self.echo(f"[{self.client_id}] cannot take part: {type(exc).__name__}: {exc}")
+            self.exit_status = 2
+            self.done.set()
+            return -1, -1
+
+    def _same_setup(self, message: dict) -> bool:
+        return self.init_config == {"model": message.get("model"), "policy": message.get("resource_policy"),
+                                    "classes": message.get("class_names")}
 
     def _load_global(self, weights: bytes) -> dict:
         state = decode_checked(weights, self.spec, max_bytes=self.max_bytes)
@@ -262,14 +384,73 @@ class FederationClient:
                 "train_size": int(result.num_examples), "train_loss": loss,
                 "seconds": time.monotonic() - t0, "metrics": numeric_metrics(result.metrics)}
 
+    async def _weights_of(self, data: dict, rnd: int, what: str) -> bytes:
+        """The global weights of a request: inline (v1) or fetched in chunks (v2), with the last one cached."""
+        ref = data.get("weights_ref")
+        if ref is None:
+            return data["weights"]
+        digest = ref.get("sha256") if isinstance(ref, dict) else None
+        if self._weights_cache is not None and self._weights_cache[0] == digest:
+            return self._weights_cache[1]
+        started, size = time.monotonic(), ref.get("size") if isinstance(ref, dict) else None
+        weights = await transfer.download(self._call, ref, self.max_bytes)
+        self._weights_cache = (digest, weights)
+        log.info("round %d: %s weights, %s bytes, downloaded in %.1fs", rnd, what, size, time.monotonic() - started)
+        return weights
+
+    def _claim(self, key: tuple[str, int]) -> bool:
+        """Start the job ``key`` unless it already runs or its answer is on its way (a re-sent request)."""
+        state = self.jobs.get(key)
+        if state in ("working", "sending"):
+            log.info("%s round %d: asked again while %s; the answer will follow", key[0], key[1], state)
+            return False
+        if state == "sent" and key in self.answers and self.answers[key][0].get("ok"):
+            return False  # caller re-delivers the kept answer; a failed one is worth another try
+        for old in [k for k in self.jobs if k[1] < key[1] - 1]:  # keep only recent rounds' answers
+            self.jobs.pop(old, None)
+            self.answers.pop(old, None)
+        self.jobs[key] = "working"
+        return True
+
     async def _on_request_update(self, data: dict) -> None:
         rnd = int(data["round_number"])
-        async with self.work_lock:
-            self.echo(f"[{self.client_id}] round {rnd}: training")
-            answer = await self._offload(self._train, rnd, data["weights"], data.get("settings") or {})
+        key = ("update", rnd)
+        if not self._claim(key):
+            if self.jobs.get(key) == "sent":
+                self.echo(f"[{self.client_id}] round {rnd}: the server asked again; re-sending the update")
+                await self._deliver_update(key, *self.answers[key])
+            return
+        try:
+            weights = await self._weights_of(data, rnd, "global")
+        except transfer.TransferError as exc:
+            answer, blob = {"round_number": rnd, "ok": False, "train_size": 0, "train_loss": 0.0,
+                            "reason": f"the global weights could not be downloaded: {exc}"}, None
+        else:
+            async with self.work_lock:
+                self.echo(f"[{self.client_id}] round {rnd}: training")
+                answer = await self._offload(self._train, rnd, weights, data.get("settings") or {})
+            blob = answer.pop("weights", None)
         if not answer["ok"]:
             self.echo(f"[{self.client_id}] round {rnd}: training failed: {answer['reason']}")
-        await self._send(P.CLIENT_UPDATE, answer)
+        self.answers[key] = (answer, blob)
+        await self._deliver_update(key, answer, blob)
+
+    async def _deliver_update(self, key: tuple[str, int], answer: dict, blob: bytes | None) -> None:
+        """Send a round's update: the weights inline (v1), or uploaded in chunks first (v2)."""
+        self.jobs[key] = "sending"
+        message = dict(answer)
+        if blob is not None:
+            if self.protocol_version >= 2:
+                try:
+                    message["weights_ref"] = await transfer.upload(self._call, blob, key[1])
+                except transfer.TransferError as exc:
+                    self.echo(f"[{self.client_id}] round {key[1]}: the upload failed: {exc}")
+                    self.jobs[key] = "sent"
+                    return
+            else:
+                message["weights"] = blob
+        sent = await self._send(P.CLIENT_UPDATE, message)
+        self.jobs[key] = "sent" if sent else "working"
 
     def _evaluate(self, rnd: int, weights: bytes) -> dict:
         try:
@@ -298,9 +479,22 @@ class FederationClient:
 
     async def _on_stop_and_eval(self, data: dict) -> None:
         rnd = int(data["round_number"])
-        async with self.work_lock:
-            answer = await self._offload(self._evaluate, rnd, data["weights"])
-        await self._send(P.CLIENT_EVAL, answer)
+        key = ("eval", rnd)
+        if not self._claim(key):
+            if self.jobs.get(key) == "sent":
+                await self._send(P.CLIENT_EVAL, self.answers[key][0])
+            return
+        try:
+            weights = await self._weights_of(data, rnd, "evaluation")
+        except transfer.TransferError as exc:
+            answer = {"round_number": rnd, "ok": False, "test_size": 0, "test_loss": 0.0, "test_map": 0.0,
+                      "test_recall": 0.0, "reason": f"the global weights could not be downloaded: {exc}"}
+        else:
+            async with self.work_lock:
+                answer = await self._offload(self._evaluate, rnd, weights)
+        self.answers[key] = (answer, None)
+        self.jobs[key] = "sending"
+        self.jobs[key] = "sent" if await self._send(P.CLIENT_EVAL, answer) else "working"
         if answer["ok"]:
             self.echo(f"[{self.client_id}] round {rnd}: mAP@0.5 {answer['test_map']:.4f} on {answer['test_size']} images")
         else:
@@ -310,28 +504,53 @@ class FederationClient:
 
     # ------------------------------------------------------------------ run
 
-    async def run(self, connect_timeout: float = 60.0) -> int:
-        deadline = time.monotonic() + connect_timeout
-        while True:
-            try:
-                await self.sio.connect(self.server_url, transports=["websocket"], wait_timeout=10)
-                break
-            except socketio.exceptions.ConnectionError as exc:
-                if time.monotonic() > deadline:
-                    self.echo(f"[{self.client_id}] cannot reach the server at {self.server_url}: {exc}; "
-                              "check client.server_url and that the server runs")
-                    return 3
-                await asyncio.sleep(1.0)
+    async def run(self) -> int:
+        """Connect, and reconnect with capped exponential back-off and jitter until the run ends.
+
+        A server that is gone longer than ``reconnect_timeout_s`` ends this client with
+        one line and status 3 (never reached) or 4 (lost).
+        """
         waiter = asyncio.get_running_loop().create_task(self.done.wait())
+        first_try = time.monotonic()
+        ever_connected = False
+        failures = 0
         while not self.done.is_set():
-            await asyncio.wait([waiter], timeout=1.0)
-            if not self.sio.connected and not self.done.is_set() and self.sio._reconnect_task is None:
-                self.echo(f"[{self.client_id}] lost the server at {self.server_url} and could not reconnect")
-                self.exit_status = self.exit_status or 4
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                self.echo(f"[{self.client_id}] the fedplug server that started this client has exited; stopping")
+                self.exit_status = self.exit_status or 5
                 break
+            if not self.sio.connected and self.sio.eio.state == "disconnected":
+                since = self._lost_at if ever_connected and self._lost_at is not None else first_try
+                if time.monotonic() - since > self.reconnect_timeout_s or (
+                        self.reconnect_attempts and failures >= self.reconnect_attempts):
+                    if ever_connected:
+                        self.echo(f"[{self.client_id}] lost the server at {self.server_url} and could not "
+                                  f"reconnect within {time.monotonic() - since:.0f}s "
+                                  f"(client.reconnect_timeout_s={self.reconnect_timeout_s:g}); giving up")
+                        self.exit_status = self.exit_status or 4
+                    else:
+                        self.echo(f"[{self.client_id}] cannot reach the server at {self.server_url} "
+                                  f"(tried for {time.monotonic() - since:.0f}s); check client.server_url "
+                                  "and that the server runs")
+                        self.exit_status = self.exit_status or 3
+                    break
+                try:
+                    await self.sio.connect(self.server_url, transports=["websocket"], wait_timeout=10)
+                except (socketio.exceptions.ConnectionError, OSError, asyncio.TimeoutError) as exc:
+                    failures += 1
+                    delay = min(self.reconnect_delay_max_s, 0.5 * 2 ** min(failures, 16)) * random.uniform(0.5, 1.0)
+                    log.info("connecting to %s failed (%s); next try in %.1fs", self.server_url, exc, delay)
+                    await asyncio.wait([waiter], timeout=delay)
+                    continue
+                if ever_connected and self._lost_at is not None:
+                    self.echo(f"[{self.client_id}] reconnected to the server after "
+                              f"{time.monotonic() - self._lost_at:.0f}s")
+                ever_connected, failures = True, 0
+            await asyncio.wait([waiter], timeout=1.0)
+            self._check_heartbeat()
         try:
-            await self.sio.disconnect()
-        except Exception:
-            pass
+            await asyncio.wait_for(self.sio.disconnect(), 5.0)
+        except Exception:  # a dead link: just drop it
+            self._abort_transport()
         self.pool.shutdown(wait=False, cancel_futures=True)
         return self.exit_status

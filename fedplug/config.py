@@ -73,6 +73,7 @@ def validate(cfg: Any) -> None:
     if eval_every > rounds:
         pass  # fine: the last round is always evaluated
     _int(cfg, "run.patience", 0)
+    _choice(cfg, "run.on_write_error", ("stop", "continue"))
     _int(cfg, "server.port", 0)
     if _get(cfg, "server.port") > 65535:
         raise ConfigError(f"server.port must be <= 65535, got {_get(cfg, 'server.port')}")
@@ -85,6 +86,14 @@ def validate(cfg: Any) -> None:
     _int(cfg, "server.round_retries", 0)
     _choice(cfg, "server.on_resource_exhausted", ("proceed", "fail"))
     _choice(cfg, "client.device", DEVICES)
+    _number(cfg, "client.reconnect_timeout_s", 0.0, open_low=True)
+    _number(cfg, "client.reconnect_delay_max_s", 0.0, open_low=True)
+    _int(cfg, "client.reconnect_attempts", 0)
+    _number(cfg, "client.call_timeout_s", 0.0, open_low=True)
+    _choice(cfg, "client.protocol_version", ("1", "2"))
+    chunk_kb = _int(cfg, "server.chunk_kb", 4)
+    if chunk_kb > 65536:
+        raise ConfigError(f"server.chunk_kb must be <= 65536 (64 MiB), got {chunk_kb}")
     _int(cfg, "client.torch_threads", 0)
     _int(cfg, "train.local_epochs", 1)
     _int(cfg, "train.batch_size", 1)
@@ -103,9 +112,29 @@ def validate(cfg: Any) -> None:
     evaluators = str(_get(cfg, "eval.clients"))
     if evaluators not in ("all", "round") and not (evaluators.isdigit() and int(evaluators) >= 1):
         raise ConfigError(f"eval.clients must be all, round or a number of clients >= 1, got {evaluators!r}")
+    _check_views(cfg)
     for group in ("aggregator", "model", "resource_policy"):
         if not isinstance(_get(cfg, f"{group}.name"), str):
             raise ConfigError(f"{group}.name must be a plugin name (see `fedplug plugins`)")
     if mode == "client" and not _get(cfg, "client.data.path"):
         raise ConfigError("client.data.path is not set: point it at this client's dataset, "
                           "e.g. client.data.path=/data/site1 (a Pascal-VOC folder)")
+
+
+def _bool(cfg: Any, key: str) -> bool:
+    value = _get(cfg, key)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _check_views(cfg: Any) -> None:
+    """The ``dashboard`` and ``ui`` sections: how a run can be watched (docs/dashboard.md)."""
+    _bool(cfg, "dashboard.enabled")
+    _int(cfg, "dashboard.max_viewers", 1)
+    _int(cfg, "dashboard.max_queue", 16)
+    _int(cfg, "dashboard.recent_events", 1)
+    live = _get(cfg, "ui.live")
+    if not isinstance(live, bool) and live != "auto":
+        raise ConfigError(f"ui.live must be auto, true or false, got {live!r}")
+    _bool(cfg, "ui.quiet")

@@ -44,6 +44,7 @@ def client_command(server_url: str, client_id: str, spec: Mapping[str, Any], run
         f"client.augment={hydra_literal(dict(augment) if augment else None)}",
         f"client.torch_threads={torch_threads}",
         f"client.device={device}",
+        f"client.parent_pid={os.getpid()}",  # the client stops when this server process is gone
         f"hydra.run.dir={hydra_literal(str(run_dir / 'clients' / client_id))}",
     ]
     if token:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # the newest this code speaks
+SUPPORTED_VERSIONS = (1, 2)  # 1: weights inline in one message; 2: chunked, resumable (fedplug/transfer.py)
 
 # client -> server
 CLIENT_WAKE_UP = "client_wake_up"
@@ -26,8 +27,14 @@ REQUEST_UPDATE = "request_update"
 STOP_AND_EVAL = "stop_and_eval"
 RUN_FINISHED = "run_finished"  # fedplug addition: the run ended; disconnect and exit
 PROTOCOL_ERROR = "protocol_error"  # fedplug addition: your last message was rejected, and why
+# client -> server, protocol v2, each answered by a Socket.IO acknowledgement (see fedplug/transfer.py)
+BEGIN_UPLOAD = "begin_upload"
+UPLOAD_CHUNK = "upload_chunk"
+FETCH_CHUNK = "fetch_chunk"
+TRANSFER_EVENTS = (BEGIN_UPLOAD, UPLOAD_CHUNK, FETCH_CHUNK)
 
-CLIENT_EVENTS = (CLIENT_WAKE_UP, CLIENT_READY, CHECK_CLIENT_RESOURCE_DONE, CLIENT_UPDATE, CLIENT_EVAL)
+CLIENT_EVENTS = (CLIENT_WAKE_UP, CLIENT_READY, CHECK_CLIENT_RESOURCE_DONE, CLIENT_UPDATE, CLIENT_EVAL,
+                 *TRANSFER_EVENTS)
 SERVER_EVENTS = (INIT, CHECK_CLIENT_RESOURCE, REQUEST_UPDATE, STOP_AND_EVAL, RUN_FINISHED, PROTOCOL_ERROR)
 
 MAX_CLIENT_ID_LEN = 128
@@ -71,6 +78,7 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
         "round_number": (_INT, True),
         "ok": (_BOOL, True),
         "weights": (_BYTES, False),
+        "weights_ref": (_STR, False),  # v2: the upload_id of a finished upload, instead of weights
         "train_size": (_INT, True),
         "train_loss": (_NUM, True),
         "reason": (_STR, False),
@@ -87,6 +95,21 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
         "stats": (_DICT, False),
         "metrics": (_DICT, False),
         "reason": (_STR, False),
+    },
+    BEGIN_UPLOAD: {
+        "round_number": (_INT, True),
+        "size": (_INT, True),
+        "sha256": (_STR, True),
+    },
+    UPLOAD_CHUNK: {
+        "upload_id": (_STR, True),
+        "index": (_INT, True),
+        "data": (_BYTES, True),
+        "sha256": (_STR, True),
+    },
+    FETCH_CHUNK: {
+        "weights_id": (_STR, True),
+        "index": (_INT, True),
     },
 }
 
@@ -151,13 +174,15 @@ def parse(event: str, data: Any) -> dict[str, Any]:
             raise ProtocolError(
                 f"{event}: client_id must be 1-{MAX_CLIENT_ID_LEN} printable characters"
             )
-    for field in ("round_number", "num_train", "num_test", "train_size", "test_size"):
+    for field in ("round_number", "num_train", "num_test", "train_size", "test_size", "index", "size"):
         if field in out and out[field] is not None and out[field] < 0:
             raise ProtocolError(f"{event}: field {field!r} must not be negative")
     if event == CHECK_CLIENT_RESOURCE_DONE and not 0.0 <= float(out["load_rate"]) <= 1.0:
         raise ProtocolError(f"{event}: load_rate must be within [0, 1], got {out['load_rate']!r}")
-    if event == CLIENT_UPDATE and out["ok"] and not out.get("weights"):
-        raise ProtocolError(f"{event}: ok=true requires binary 'weights'")
+    if event == CLIENT_UPDATE and out["ok"] and not out.get("weights") and not out.get("weights_ref"):
+        raise ProtocolError(f"{event}: ok=true requires binary 'weights' (v1) or 'weights_ref' (v2)")
+    if event == CLIENT_UPDATE and out.get("weights") and out.get("weights_ref"):
+        raise ProtocolError(f"{event}: send either 'weights' or 'weights_ref', not both")
     if event == CLIENT_UPDATE and out.get("metrics") is not None:
         out["metrics"] = _metrics(event, out["metrics"])
     if isinstance(out.get("reason"), str) and len(out["reason"]) > MAX_REASON_LEN:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import hashlib
 import logging
 import math
 import random
@@ -35,6 +36,7 @@ from fedplug.collect import PhaseCollector, UpdateStream
 from fedplug.evaluation import HeldOutEvaluator, eval_settings_from, resolve_place, round_metrics, safe_call
 from fedplug.outputs import EventLog, RunOutputs, format_table, load_resume_point
 from fedplug.plugins import ActivePlugins
+from fedplug.transfer import DEFAULT_CHUNK_BYTES, Downloads, TransferError, Uploads
 from fedplug.server_hooks import PluginFailed, call, dry_run, is_decision, is_round_settings, model_checker
 from fedplug.types import ClientUpdate, DetectionStats, EmptyRoundError, ResourceReport, RoundRecord
 from fedplug.wire import WireError, check_against_spec, decode_checked, encode_state, spec_of
@@ -55,6 +57,7 @@ class ClientSlot:
     num_test: int = 0
     info: dict = field(default_factory=dict)
     disconnected_at: float | None = None
+    protocol_version: int = P.PROTOCOL_VERSION
 
 
 def _plain(cfg: Any) -> Any:
@@ -63,6 +66,12 @@ def _plain(cfg: Any) -> Any:
     if isinstance(cfg, (DictConfig, ListConfig)):
         return OmegaConf.to_container(cfg, resolve=True)
     return cfg
+
+
+def _encoded_size_bound(state: Mapping[str, torch.Tensor]) -> int:
+    """The most bytes a well-formed safetensors file of this model can take: its tensors plus a header."""
+    raw = sum(t.numel() * t.element_size() for t in state.values())
+    return raw + 64 * 1024 + 512 * len(state)
 
 
 class FederationServer:
@@ -132,6 +141,12 @@ class FederationServer:
         self.spec = spec_of(self.global_weights)
         self.num_parameters = sum(p.numel() for p in model.parameters())
         self.round_start_weights = self.global_weights
+        # protocol v2 transfers: the round's broadcasts, and each client's upload in progress
+        self.chunk_bytes = int(float(self.server_cfg.get("chunk_kb", DEFAULT_CHUNK_BYTES // 1024)) * 1024)
+        self.downloads = Downloads(self.chunk_bytes)
+        self.uploads = Uploads(self.chunk_bytes, max_bytes=_encoded_size_bound(self.global_weights))
+        # answer event -> (request event, payload) of the open phase, re-sent to a client that rejoins owing it
+        self.phase_requests: dict[str, tuple[str, dict]] = {}
         self.eval_place = resolve_place(str(cfg.eval.get("on", "auto")), held_out is not None, clients_have_test)
         self.held_out: HeldOutEvaluator | None = None
         if held_out is not None and self.eval_place in ("server", "both"):
@@ -156,14 +171,27 @@ class FederationServer:
     # ------------------------------------------------------------------ lifecycle
 
     def _resume(self, previous: Path) -> None:
-        last_round, weights, state, history, best = load_resume_point(previous)
-        check_against_spec(weights, self.spec)
-        self.global_weights = weights
-        self.aggregator_state = state
-        self.history = history
-        self.best = best or self.best
-        self.start_round = last_round + 1
-        self.echo(f"resuming from {previous} after round {last_round}")
+        """Continue ``previous``'s last committed round (fedplug.commit); a run that saved none starts afresh."""
+        from fedplug.commit import find_resume_point
+        from fedplug.outputs import missing_commit_events
+
+        point = find_resume_point(previous)
+        if point is not None:
+            check_against_spec(point.weights, self.spec)
+        self.outputs.adopt(point)  # last/best and the metrics files as the committed round has them
+        if point is None:
+            self.echo(f"run.resume={previous}: that run stopped before it saved its first round; starting at round 1")
+            self.events.write("resumed", "local", 0, None, source=str(previous))
+            return
+        self.global_weights = point.weights
+        self.aggregator_state = point.aggregator_state
+        self.history = point.history
+        self.best = point.best or self.best
+        self.start_round = point.round + 1
+        for rnd in missing_commit_events(self.events.path, self.history):  # killed between commit and log line
+            self.events.write("round_committed", "local", rnd, None, recovered=True)
+        self.events.write("resumed", "local", point.round, None, source=str(previous))
+        self.echo(f"resuming from {previous} after round {point.round}")
 
     async def start(self) -> int:
         self.runner = web.AppRunner(self.app, access_log=None)
@@ -191,9 +219,18 @@ class FederationServer:
     # ------------------------------------------------------------------ messaging
 
     async def _emit(self, event: str, client_id: str, payload: dict) -> bool:
+        """Send ``payload`` to one client; a ``weights`` :class:`~fedplug.transfer.Blob` goes inline (v1) or as a ref (v2)."""
         slot = self.clients.get(client_id)
         if slot is None or slot.sid is None:
             return False
+        blob = payload.get("weights")
+        if blob is not None and not isinstance(blob, (bytes, bytearray)):
+            payload = dict(payload)
+            if slot.protocol_version >= 2:
+                del payload["weights"]
+                payload["weights_ref"] = blob.ref()
+            else:
+                payload["weights"] = blob.data
         flags = {"STOP": payload["STOP"]} if "STOP" in payload else {}
         self.events.write(event, "out", payload.get("round_number"), client_id, **flags)
         try:
@@ -246,7 +283,9 @@ class FederationServer:
         # each answer event goes to its validating handler; a message without a payload reaches it as None
         for event, handler in ((P.CLIENT_WAKE_UP, self._on_wake_up), (P.CLIENT_READY, self._on_ready),
                                (P.CHECK_CLIENT_RESOURCE_DONE, self._on_resource_done),
-                               (P.CLIENT_UPDATE, self._on_update), (P.CLIENT_EVAL, self._on_eval)):
+                               (P.CLIENT_UPDATE, self._on_update), (P.CLIENT_EVAL, self._on_eval),
+                               (P.BEGIN_UPLOAD, self._on_begin_upload), (P.UPLOAD_CHUNK, self._on_upload_chunk),
+                               (P.FETCH_CHUNK, self._on_fetch_chunk)):
             sio.on(event, handler)
 
         @sio.on("*")
@@ -275,6 +314,7 @@ class FederationServer:
         return None, closed.admit(cid, rnd) or f"{event} for round {rnd} came after its phase closed"
 
     def _close(self, event: str) -> None:
+        self.phase_requests.pop(event, None)
         collector = self.collectors.pop(event, None)
         if collector is not None:
             self.closed_collectors[event] = collector
@@ -294,10 +334,11 @@ class FederationServer:
             return await self._reject(sid, P.CLIENT_WAKE_UP, str(exc))
         cid = msg["client_id"]
         self.events.write(P.CLIENT_WAKE_UP, "in", None, cid, sid=sid)
-        if msg["protocol_version"] != P.PROTOCOL_VERSION:
+        version = msg["protocol_version"]
+        if version not in P.SUPPORTED_VERSIONS:
             await self._reject(sid, P.CLIENT_WAKE_UP,
-                               f"protocol version {msg['protocol_version']} is not supported; "
-                               f"this server speaks version {P.PROTOCOL_VERSION}", cid)
+                               f"protocol version {version} is not supported; this server speaks versions "
+                               f"{', '.join(map(str, P.SUPPORTED_VERSIONS))}", cid)
             return await self.sio.disconnect(sid)
         token = self.server_cfg.token
         if token and msg.get("token") != str(token):
@@ -309,11 +350,12 @@ class FederationServer:
             return await self.sio.disconnect(sid)
         if slot is None:
             slot = self.clients[cid] = ClientSlot(cid, sid)
-        slot.sid, slot.disconnected_at = sid, None
+        slot.sid, slot.disconnected_at, slot.protocol_version = sid, None, version
         slot.info = dict(msg.get("info") or {})
         self.sid_to_client[sid] = cid
         await self._emit(P.INIT, cid, {
-            "protocol_version": P.PROTOCOL_VERSION,
+            "protocol_version": version,
+            **({"transfer": {"chunk_bytes": self.chunk_bytes}} if version >= 2 else {}),
             "client_id": cid,
             "round_number": self.round_number,
             "model": self.model_cfg,
@@ -339,6 +381,22 @@ class FederationServer:
         self._notify("fedplug_client_joined", client_id=cid, info={"num_train": slot.num_train,
                                                              "num_test": slot.num_test, **slot.info})
         self._ready_changed.set()
+        await self._resend_owed(cid)
+
+    async def _resend_owed(self, cid: str) -> None:
+        """A client that (re)joins while an open phase still expects its answer gets that phase's request again.
+
+        Without this a client that lost the request with its connection (killed and
+        restarted, or a cut link) would sit idle while the round waits its whole deadline.
+        """
+        for answer_event, (request_event, payload) in list(self.phase_requests.items()):
+            collector = self.collectors.get(answer_event)
+            if collector is None or cid not in collector.expected or cid in collector.answers \
+                    or cid in collector.given_up:
+                continue
+            self.echo(f"  client {cid} rejoined owing {answer_event} for round {collector.round_number}; "
+                      f"sending {request_event} again")
+            await self._emit(request_event, cid, payload)
 
     async def _on_resource_done(self, sid: str, data: Any = None) -> None:
         cid = self._client_of(sid)
@@ -356,6 +414,60 @@ class FederationServer:
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         collector.settle(cid, ResourceReport(float(msg["load_rate"]), str((msg.get("details") or {}).get("kind", "")), details))
 
+    # ------------------------------------------------------------------ v2 transfers (acknowledged)
+
+    def _transfer_client(self, sid: str, event: str, data: Any) -> tuple[str, dict]:
+        cid = self._client_of(sid)
+        if cid is None:
+            raise TransferError(f"{event}: send client_wake_up first")
+        if self.clients[cid].protocol_version < 2:
+            raise TransferError(f"{event} is protocol version 2; this connection woke up with version 1")
+        try:
+            return cid, P.parse(event, data)
+        except P.ProtocolError as exc:
+            raise TransferError(str(exc)) from None
+
+    async def _on_begin_upload(self, sid: str, data: Any = None) -> dict:
+        try:
+            cid, msg = self._transfer_client(sid, P.BEGIN_UPLOAD, data)
+            collector = self.collectors.get(P.CLIENT_UPDATE)
+            if collector is None or cid not in collector.expected or msg["round_number"] != collector.round_number:
+                raise TransferError(f"begin_upload: no update is expected from this client for round "
+                                    f"{msg['round_number']}")
+            upload = self.uploads.begin(cid, msg["round_number"], msg["size"], msg["sha256"])
+        except TransferError as exc:
+            return {"ok": False, "reason": str(exc)}
+        if upload.next_index:
+            self.events.write("upload_resumed", "in", upload.round_number, cid, next_index=upload.next_index,
+                              bytes=upload.received_bytes)
+        return {"ok": True, "upload_id": upload.id, "chunk_bytes": upload.chunk_bytes,
+                "next_index": upload.next_index, "num_chunks": upload.num_chunks}
+
+    async def _on_upload_chunk(self, sid: str, data: Any = None) -> dict:
+        try:
+            cid, msg = self._transfer_client(sid, P.UPLOAD_CHUNK, data)
+            try:
+                upload = self.uploads.get(cid, msg["upload_id"])
+            except TransferError as exc:
+                return {"ok": False, "restart": True, "reason": str(exc)}
+            next_index = upload.accept(msg["index"], msg["data"], msg["sha256"])
+        except TransferError as exc:
+            return {"ok": False, "reason": str(exc)}
+        self.events.publish("transfer_progress", client_id=cid, direction="up", round=upload.round_number,
+                            bytes_done=upload.received_bytes, bytes_total=upload.size)
+        return {"ok": True, "next_index": next_index, "complete": upload.complete}
+
+    async def _on_fetch_chunk(self, sid: str, data: Any = None) -> dict:
+        try:
+            cid, msg = self._transfer_client(sid, P.FETCH_CHUNK, data)
+            chunk, blob = self.downloads.chunk(msg["weights_id"], msg["index"])
+        except TransferError as exc:
+            return {"ok": False, "reason": str(exc)}
+        self.events.publish("transfer_progress", client_id=cid, direction="down", round=self.round_number,
+                            bytes_done=min(len(blob.data), (msg["index"] + 1) * blob.chunk_bytes),
+                            bytes_total=len(blob.data))
+        return {"ok": True, "index": msg["index"], "data": chunk, "sha256": hashlib.sha256(chunk).hexdigest()}
+
     async def _on_update(self, sid: str, data: Any = None) -> None:
         cid = self._client_of(sid)
         try:
@@ -363,6 +475,11 @@ class FederationServer:
         except P.ProtocolError as exc:
             return await self._reject(sid, P.CLIENT_UPDATE, str(exc), cid)
         rnd = msg["round_number"]
+        if msg["ok"] and msg.get("weights_ref") is not None and cid is not None:
+            try:  # v2: the weights came before, in chunks
+                msg["weights"] = self.uploads.take(cid, msg["weights_ref"], rnd)
+            except TransferError as exc:
+                return await self._reject(sid, P.CLIENT_UPDATE, f"update rejected: {exc}", cid, rnd)
         size = len(msg.get("weights") or b"")
         self.events.write(P.CLIENT_UPDATE, "in", rnd, cid, ok=msg["ok"], bytes=size)
         collector, reason = self._admit(P.CLIENT_UPDATE, cid, rnd)
@@ -567,6 +684,8 @@ class FederationServer:
         settings.setdefault("total_rounds", rounds)  # lets a client's lr schedule span the whole run
         self.round_start_weights = round_start_weights = self.global_weights
         payload_bytes = await self._offload(encode_state, round_start_weights)  # once per round
+        blob = self.downloads.offer(payload_bytes, f"r{rnd}-global")
+        self.uploads.drop_before(rnd)
         self.echo(f"  training on {len(selected)} client(s): {', '.join(selected)}")
 
         self.stream = stream = UpdateStream()
@@ -577,11 +696,11 @@ class FederationServer:
             self.pool, self._aggregate, round_start_weights, stream, rnd, work_state)
         self.phase = f"round {rnd}: training"
         self._notify("fedplug_round_start", round_number=rnd, client_ids=list(selected))
+        request = {"round_number": rnd, "model_id": str(self.model_cfg.get("name")),
+                   "settings": settings, "weights": blob}
+        self.phase_requests[P.CLIENT_UPDATE] = (P.REQUEST_UPDATE, request)
         for cid in selected:
-            await self._emit(P.REQUEST_UPDATE, cid, {
-                "round_number": rnd, "model_id": str(self.model_cfg.get("name")),
-                "settings": settings, "weights": payload_bytes,
-            })
+            await self._emit(P.REQUEST_UPDATE, cid, request)
         await collector.wait(float(self.server_cfg.update_timeout_s))
         self._close(P.CLIENT_UPDATE)
         self.stream = None
@@ -632,6 +751,8 @@ class FederationServer:
             self.phase = f"round {rnd}: resource check"
             collector = PhaseCollector(P.CHECK_CLIENT_RESOURCE_DONE, rnd, set(contacted))
             self.collectors[P.CHECK_CLIENT_RESOURCE_DONE] = collector
+            self.phase_requests[P.CHECK_CLIENT_RESOURCE_DONE] = (
+                P.CHECK_CLIENT_RESOURCE, {"round_number": rnd, "attempt": attempt})
             for cid in contacted:
                 await self._emit(P.CHECK_CLIENT_RESOURCE, cid, {"round_number": rnd, "attempt": attempt})
             await collector.wait(float(self.server_cfg.resource_timeout_s))
@@ -683,11 +804,14 @@ class FederationServer:
             evaluators = self.ready_clients() if stop else self._evaluators(participants)
             expected_images = sum(self.clients[cid].num_test for cid in evaluators)
             payload_bytes = await self._offload(encode_state, weights)
+            blob = self.downloads.offer(payload_bytes, f"r{rnd}-eval")
             collector = PhaseCollector(P.CLIENT_EVAL, rnd, set(evaluators))
             self.collectors[P.CLIENT_EVAL] = collector
             self._stop_sent = stop
+            request = {"round_number": rnd, "weights": blob, "STOP": stop}
+            self.phase_requests[P.CLIENT_EVAL] = (P.STOP_AND_EVAL, request)
             for cid in evaluators:
-                await self._emit(P.STOP_AND_EVAL, cid, {"round_number": rnd, "weights": payload_bytes, "STOP": stop})
+                await self._emit(P.STOP_AND_EVAL, cid, request)
             await collector.wait(float(self.server_cfg.eval_timeout_s))
             self._close(P.CLIENT_EVAL)
             client_entries = {cid: e for cid, e in collector.values().items() if e is not None}
@@ -702,16 +826,26 @@ class FederationServer:
                                    bool(self.cfg.eval.use_07_metric), per_client)
 
     def _finish_round(self, record: RoundRecord) -> None:
-        """Checkpoints, resume point, then the metrics row and observers; runs in a worker thread.
+        """Commit the round's checkpoints, resume point and metrics row, then tell observers; in a worker thread.
 
-        The metrics row comes after the files it describes, so a failed write never leaves
-        a row for a round whose checkpoint is not on disk; a write error ends the run as such.
+        A write error (disk full, read-only) ends the run with the committed round named, or
+        with ``run.on_write_error=continue`` is reported and the run goes on (the next round's
+        commit writes everything again); the last round's outputs must be written either way.
         """
+        from fedplug.commit import write_error_message
+
+        rnd = record.round_number
         try:
             self._write_round(record)
         except OSError as exc:
-            raise RunFailed(f"could not write round {record.round_number}'s outputs in {self.run_dir}: {exc} "
-                            "(disk full or not writable?); the previous round's checkpoint is kept") from None
+            message = write_error_message(exc, rnd, self.outputs.committed_round, self.run_dir)
+            self.events.write("write_failed", "local", rnd, None, reason=str(exc))
+            last = rnd >= int(self.run_cfg.rounds)
+            if str(self.run_cfg.get("on_write_error", "stop")) != "continue" or last:
+                raise RunFailed(message) from None
+            self.echo(f"  {message}; going on without it (run.on_write_error=continue)")
+        else:
+            self.events.write("round_committed", "local", rnd, None)
         self._notify("fedplug_round_end", record=record, global_weights=self.global_weights,
                      previous_weights=self.round_start_weights)
 

@@ -1,0 +1,312 @@
+"""Protocol v2: model weights in chunks, each acknowledged, resumable after a reconnect.
+
+Why chunks: Engine.IO heartbeats share the WebSocket with the weights.  A
+20 MB frame on a 1 Mbit/s link takes 160 s, the peer's pong waits behind it,
+and the connection is declared dead 25 s in — every round, for ever.  With
+chunks of ``server.chunk_kb`` (default 1 MiB: 8 s at 1 Mbit/s) the
+heartbeats interleave between chunks at any link speed that moves one chunk
+within the ping timeout, no message approaches ``server.max_message_mb``, and
+a transfer cut by a disconnect resumes from its last acknowledged chunk.
+
+Both directions are pulled/pushed by the client, one chunk in flight at a
+time, with Socket.IO acknowledgements (``sio.call``), so flow control is the
+protocol itself: a slow link simply makes each acknowledgement arrive later.
+
+- **Download** (``request_update`` / ``stop_and_eval``): the message carries
+  ``weights_ref = {id, size, sha256, chunk_bytes, num_chunks}``; the client
+  asks ``fetch_chunk {weights_id, index}`` for each chunk and checks each
+  chunk's and the whole blob's SHA-256.
+- **Upload** (``client_update``): ``begin_upload {round_number, size, sha256}``
+  opens (or, after a reconnect, finds again) the client's upload and answers
+  ``next_index``; ``upload_chunk {upload_id, index, data, sha256}`` sends the
+  chunks in order; ``client_update`` then names the finished upload in
+  ``weights_ref`` instead of carrying ``weights``.
+
+The server side (:class:`Downloads`, :class:`Uploads`) is plain bookkeeping
+called on the event loop: hashing a chunk is microseconds per MiB-chunk, and
+nothing here ever holds more than one model per client plus the round's
+broadcast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+DEFAULT_CHUNK_BYTES = 1 << 20
+MIN_CHUNK_BYTES = 4 << 10
+MAX_CHUNK_BYTES = 64 << 20
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class TransferError(ValueError):
+    """A chunk or transfer request that cannot be honoured; the text says why."""
+
+
+def sha256_hex(data: bytes | bytearray | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and bool(_HEX64.fullmatch(value))
+
+
+def num_chunks(size: int, chunk_bytes: int) -> int:
+    return max(1, -(-size // chunk_bytes))
+
+
+# ---------------------------------------------------------------------------------------------- server
+
+
+@dataclass
+class Blob:
+    """One serialised model the server offers for download (a round's broadcast)."""
+
+    id: str
+    data: bytes
+    sha256: str
+    chunk_bytes: int
+
+    @property
+    def num_chunks(self) -> int:
+        return num_chunks(len(self.data), self.chunk_bytes)
+
+    def ref(self) -> dict[str, Any]:
+        return {"id": self.id, "size": len(self.data), "sha256": self.sha256,
+                "chunk_bytes": self.chunk_bytes, "num_chunks": self.num_chunks}
+
+    def chunk(self, index: int) -> bytes:
+        if not 0 <= index < self.num_chunks:
+            raise TransferError(f"chunk {index} of weights {self.id} does not exist "
+                                f"(it has {self.num_chunks}: 0..{self.num_chunks - 1})")
+        start = index * self.chunk_bytes
+        return self.data[start:start + self.chunk_bytes]
+
+
+class Downloads:
+    """The blobs the server currently offers: the latest few broadcasts, all other ids forgotten.
+
+    A blob is serialised once per round and every client reads chunks of the
+    same bytes: K clients cost no K copies.
+    """
+
+    def __init__(self, chunk_bytes: int, keep: int = 3):
+        self.chunk_bytes = int(chunk_bytes)
+        self.keep = keep
+        self._blobs: dict[str, Blob] = {}
+
+    def offer(self, data: bytes, label: str) -> Blob:
+        digest = sha256_hex(data)
+        blob_id = f"{label}-{digest[:16]}"
+        blob = self._blobs.get(blob_id)
+        if blob is None:
+            blob = self._blobs[blob_id] = Blob(blob_id, data, digest, self.chunk_bytes)
+            while len(self._blobs) > self.keep:
+                self._blobs.pop(next(iter(self._blobs)))
+        return blob
+
+    def chunk(self, blob_id: Any, index: Any) -> tuple[bytes, Blob]:
+        blob = self._blobs.get(blob_id) if isinstance(blob_id, str) else None
+        if blob is None:
+            raise TransferError(f"weights {blob_id!r} are not offered (any more); wait for the next request")
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TransferError(f"fetch_chunk: index must be an integer, got {type(index).__name__}")
+        return blob.chunk(index), blob
+
+
+@dataclass
+class Upload:
+    """One client's model upload, filled chunk by chunk into a buffer of its declared size."""
+
+    id: str
+    client_id: str
+    round_number: int
+    size: int
+    sha256: str
+    chunk_bytes: int
+    buffer: bytearray
+    next_index: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def num_chunks(self) -> int:
+        return num_chunks(self.size, self.chunk_bytes)
+
+    @property
+    def received_bytes(self) -> int:
+        return min(self.size, self.next_index * self.chunk_bytes)
+
+    @property
+    def complete(self) -> bool:
+        return self.next_index >= self.num_chunks
+
+    def accept(self, index: Any, data: Any, digest: Any) -> int:
+        """Store chunk ``index``; return the next index wanted.  Idempotent for chunks already held."""
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise TransferError("upload_chunk: index must be an integer >= 0")
+        if index < self.next_index:
+            return self.next_index  # a re-send after a lost acknowledgement: already have it
+        if index > self.next_index:
+            raise TransferError(f"upload_chunk: chunk {index} is out of order; send chunk {self.next_index}")
+        if not isinstance(data, (bytes, bytearray)):
+            raise TransferError("upload_chunk: data must be binary")
+        start = index * self.chunk_bytes
+        expected = min(self.chunk_bytes, self.size - start)
+        if len(data) != expected:
+            raise TransferError(f"upload_chunk: chunk {index} must be {expected} bytes, got {len(data)}")
+        if not is_sha256(digest) or sha256_hex(data) != digest:
+            raise TransferError(f"upload_chunk: chunk {index} does not match its sha256 (corrupted in transit?)")
+        self.buffer[start:start + expected] = data
+        self.next_index += 1
+        return self.next_index
+
+
+class Uploads:
+    """Every client's open upload: at most one each, of at most ``max_bytes``.
+
+    A client that reconnects and asks :meth:`begin` for the same round and
+    SHA-256 gets its partial upload back, and goes on from ``next_index``.
+    """
+
+    def __init__(self, chunk_bytes: int, max_bytes: int):
+        self.chunk_bytes = int(chunk_bytes)
+        self.max_bytes = int(max_bytes)
+        self._by_client: dict[str, Upload] = {}
+
+    def begin(self, client_id: str, round_number: int, size: Any, digest: Any) -> Upload:
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= self.max_bytes:
+            raise TransferError(f"begin_upload: size must be an integer in 1..{self.max_bytes} "
+                                f"(the global model's size bound), got {size!r}")
+        if not is_sha256(digest):
+            raise TransferError("begin_upload: sha256 must be 64 lower-case hex digits")
+        current = self._by_client.get(client_id)
+        if current is not None and (current.round_number, current.size, current.sha256) == (round_number, size, digest):
+            return current  # resume
+        upload = Upload(f"{client_id}-r{round_number}-{secrets.token_hex(6)}", client_id, round_number, size,
+                        digest, self.chunk_bytes, bytearray(size))
+        self._by_client[client_id] = upload  # replaces (and frees) any older one of this client
+        return upload
+
+    def get(self, client_id: str, upload_id: Any) -> Upload:
+        upload = self._by_client.get(client_id)
+        if upload is None or upload.id != upload_id:
+            raise TransferError(f"no open upload {upload_id!r} for {client_id}; call begin_upload first")
+        return upload
+
+    def take(self, client_id: str, upload_id: Any, round_number: int) -> bytes:
+        """The finished upload's bytes (checked against the declared SHA-256); the upload is closed."""
+        upload = self.get(client_id, upload_id)
+        if upload.round_number != round_number:
+            raise TransferError(f"upload {upload_id} is for round {upload.round_number}, not {round_number}")
+        if not upload.complete:
+            raise TransferError(f"upload {upload_id} is incomplete: {upload.next_index} of "
+                                f"{upload.num_chunks} chunks received")
+        if sha256_hex(upload.buffer) != upload.sha256:
+            del self._by_client[client_id]
+            raise TransferError(f"upload {upload_id} does not match the sha256 declared in begin_upload")
+        del self._by_client[client_id]
+        return bytes(upload.buffer)
+
+    def drop_before(self, round_number: int) -> None:
+        """Forget uploads of rounds that ended: their memory is not held into the next round."""
+        for cid in [c for c, u in self._by_client.items() if u.round_number < round_number]:
+            del self._by_client[cid]
+
+    def __len__(self) -> int:
+        return len(self._by_client)
+
+
+# ---------------------------------------------------------------------------------------------- client
+
+Call = Callable[[str, dict], Awaitable[Any]]
+Progress = Callable[[int, int], None]
+
+
+def _answer(reply: Any, what: str) -> dict:
+    if not isinstance(reply, dict):
+        raise TransferError(f"{what}: the server's acknowledgement is not an object")
+    if not reply.get("ok"):
+        raise TransferError(f"{what}: refused by the server: {reply.get('reason', 'no reason given')}")
+    return reply
+
+
+async def download(call: Call, ref: Any, max_bytes: int, progress: Progress | None = None) -> bytes:
+    """Fetch the blob ``ref`` describes, chunk by chunk; ``call`` retries across reconnects.
+
+    Raises :class:`TransferError` for a refused or corrupt transfer.
+    """
+    if not isinstance(ref, dict) or not isinstance(ref.get("id"), str) or not is_sha256(ref.get("sha256")):
+        raise TransferError("weights_ref must be an object with id (str) and sha256")
+    size, chunk_bytes = ref.get("size"), ref.get("chunk_bytes")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (size, chunk_bytes)):
+        raise TransferError("weights_ref.size and chunk_bytes must be positive integers")
+    if size > max_bytes:
+        raise TransferError(f"weights of {size} bytes are over this client's limit of {max_bytes}")
+    buffer = bytearray(size)
+    total = num_chunks(size, chunk_bytes)
+    for index in range(total):
+        reply = _answer(await call("fetch_chunk", {"weights_id": ref["id"], "index": index}),
+                        f"fetch_chunk {index}/{total}")
+        data = reply.get("data")
+        start = index * chunk_bytes
+        expected = min(chunk_bytes, size - start)
+        if not isinstance(data, (bytes, bytearray)) or len(data) != expected:
+            raise TransferError(f"fetch_chunk {index}: expected {expected} bytes")
+        if reply.get("sha256") != sha256_hex(data):
+            raise TransferError(f"fetch_chunk {index}: the chunk does not match its sha256")
+        buffer[start:start + expected] = data
+        if progress is not None:
+            progress(start + expected, size)
+    if sha256_hex(buffer) != ref["sha256"]:
+        raise TransferError("the downloaded weights do not match their sha256")
+    return bytes(buffer)
+
+
+async def upload(call: Call, data: bytes, round_number: int, progress: Progress | None = None) -> str:
+    """Send ``data`` as the upload of ``round_number``; return the upload id for ``client_update.weights_ref``.
+
+    Each chunk waits for its acknowledgement.  After a reconnect ``call``
+    resumes here, and ``begin_upload`` (asked again) says where to go on from.
+    """
+    digest = sha256_hex(data)
+    view = memoryview(data)
+    while True:
+        opened = _answer(await call("begin_upload", {"round_number": round_number, "size": len(data),
+                                                     "sha256": digest}), "begin_upload")
+        upload_id, chunk_bytes = opened.get("upload_id"), opened.get("chunk_bytes")
+        index = opened.get("next_index")
+        if not isinstance(upload_id, str) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0 \
+                or not isinstance(index, int) or index < 0:
+            raise TransferError("begin_upload: malformed acknowledgement")
+        total = num_chunks(len(data), chunk_bytes)
+        restart = False
+        while index < total:
+            chunk = bytes(view[index * chunk_bytes:(index + 1) * chunk_bytes])
+            reply = await call("upload_chunk", {"upload_id": upload_id, "index": index, "data": chunk,
+                                                "sha256": sha256_hex(chunk)})
+            if isinstance(reply, dict) and not reply.get("ok") and reply.get("restart"):
+                restart = True  # the server lost the upload (e.g. it restarted): open it again
+                break
+            reply = _answer(reply, f"upload_chunk {index}/{total}")
+            index = int(reply.get("next_index", index + 1))
+            if progress is not None:
+                progress(min(len(data), index * chunk_bytes), len(data))
+        if not restart:
+            return upload_id
+
+
+async def pause_until(event: asyncio.Event, deadline: float) -> bool:
+    """Wait for ``event`` until the monotonic ``deadline``; True when it is set."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        return event.is_set()
+    try:
+        await asyncio.wait_for(event.wait(), left)
+        return True
+    except asyncio.TimeoutError:
+        return False
