@@ -118,6 +118,10 @@ def run_client(cfg: Any) -> int:
 
 
 async def run_server(cfg: Any, embedded: bool) -> int:
+    from fedplug.progress import TerminalView
+
+    view = TerminalView(cfg)  # a live panel on a terminal, plain lines elsewhere, only problems with ui.quiet
+    echo = view.echo
     import torch
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
@@ -176,6 +180,7 @@ async def run_server(cfg: Any, embedded: bool) -> int:
     if server.held_out is not None:
         echo(f"evaluation: eval.on={server.eval_place}, the server scores {held_out_source} "
              f"({len(server.held_out)} images)")
+    view.attach(server)
     clients = ClientProcesses()
     watcher = None
     died: dict[str, int] = {}  # local client processes that exited with an error while the run went on
@@ -199,6 +204,7 @@ async def run_server(cfg: Any, embedded: bool) -> int:
     finally:
         if watcher is not None:
             watcher.cancel()
+        view.close()
         await server.stop()
         run_lock.release()
         if embedded:
