@@ -298,14 +298,15 @@ def check_selected_plugins(args: list[str]) -> None:
     for arg in args:
         key, sep, value = arg.partition("=")
         key = key.lstrip("+~")
-        if not sep or key not in role_of_group or not value:
-            continue
-        if value not in discover(role_of_group[key]):
-            try:
-                load_plugin(role_of_group[key], value)
-            except PluginError as exc:
-                echo(f"plugin error: {exc}")
-                sys.exit(2)
+        if not sep or key not in role_of_group or not value or any(c in value for c in "()*[]"):
+            continue  # sweep functions (choice(...), glob(*), ...) are Hydra's to expand
+        for name in value.split(","):  # a multirun sweep: -m aggregator=fedavg,fedprox
+            if name.strip() not in discover(role_of_group[key]):
+                try:
+                    load_plugin(role_of_group[key], name.strip())
+                except PluginError as exc:
+                    echo(f"plugin error: {exc}")
+                    sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> None:
