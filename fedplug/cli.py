@@ -14,6 +14,7 @@ from typing import Callable
 
 SUBCOMMANDS: dict[str, str] = {
     "plugins": "fedplug.app:plugins_command",
+    "credentials": "fedplug.credentials_cli:main",
 }
 
 
