@@ -14,6 +14,8 @@ from typing import Callable
 
 SUBCOMMANDS: dict[str, str] = {
     "plugins": "fedplug.app:plugins_command",
+    "report": "fedplug.report:report_command",
+    "compare": "fedplug.compare:compare_command",
     "credentials": "fedplug.credentials_cli:main",
 }
 
