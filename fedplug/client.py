@@ -107,6 +107,7 @@ class FederationClient:
         self._last_rx = time.monotonic()  # last packet of any kind (heartbeats included) from the server
         self._watch_heartbeats()
         self.joined = asyncio.Event()  # connected and greeted (init handled): answers may be sent
+        self._link_lost = asyncio.Event()  # a fresh one per connection, set when that connection goes
         self._lost_at: float | None = None
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedplug-client")
         self.work_lock = asyncio.Lock()
@@ -189,10 +190,22 @@ class FederationClient:
         return False
 
     async def _call(self, event: str, payload: dict) -> Any:
-        """An acknowledged request (v2 transfers), retried across reconnects until the run ends."""
+        """An acknowledged request (v2 transfers), retried across reconnects until the run ends.
+
+        A request whose connection dies is asked again on the next connection at once,
+        not after its acknowledgement timeout (python-socketio would wait that long).
+        """
         while await self._wait_joined():
+            lost = self._link_lost  # set when *this* connection goes
+            call = asyncio.ensure_future(self.sio.call(event, payload, timeout=self.call_timeout_s))
+            gone = asyncio.ensure_future(lost.wait())
+            await asyncio.wait({call, gone}, return_when=asyncio.FIRST_COMPLETED)
+            gone.cancel()
+            if not call.done():
+                call.cancel()
+                continue
             try:
-                return await self.sio.call(event, payload, timeout=self.call_timeout_s)
+                return call.result()
             except socketio.exceptions.TimeoutError:
                 log.warning("%s: no acknowledgement within %.0fs; asking again", event, self.call_timeout_s)
             except (socketio.exceptions.BadNamespaceError, socketio.exceptions.ConnectionError):
@@ -240,6 +253,7 @@ class FederationClient:
         async def connect():
             log.info("connected to %s", self.server_url)
             self._last_rx = time.monotonic()
+            self._link_lost = asyncio.Event()
             await sio.emit(P.CLIENT_WAKE_UP, {
                 "client_id": self.client_id, "protocol_version": self.protocol_version,
                 "token": self.token, "info": {"device": self.device, "host": socket.gethostname()},
@@ -248,6 +262,7 @@ class FederationClient:
         @sio.event
         async def disconnect(*args):
             self.joined.clear()
+            self._link_lost.set()
             if self.done.is_set():
                 return
             self._lost_at = time.monotonic()

@@ -437,9 +437,10 @@ class FederationServer:
             upload = self.uploads.begin(cid, msg["round_number"], msg["size"], msg["sha256"])
         except TransferError as exc:
             return {"ok": False, "reason": str(exc)}
-        if upload.next_index:
+        if upload.next_index and upload.connection != sid:
             self.events.write("upload_resumed", "in", upload.round_number, cid, next_index=upload.next_index,
                               bytes=upload.received_bytes)
+            upload.connection = sid
         return {"ok": True, "upload_id": upload.id, "chunk_bytes": upload.chunk_bytes,
                 "next_index": upload.next_index, "num_chunks": upload.num_chunks}
 
@@ -450,6 +451,10 @@ class FederationServer:
                 upload = self.uploads.get(cid, msg["upload_id"])
             except TransferError as exc:
                 return {"ok": False, "restart": True, "reason": str(exc)}
+            if upload.connection not in (None, sid) and upload.next_index:
+                self.events.write("upload_resumed", "in", upload.round_number, cid, next_index=upload.next_index,
+                                  bytes=upload.received_bytes)
+            upload.connection = sid
             next_index = upload.accept(msg["index"], msg["data"], msg["sha256"])
         except TransferError as exc:
             return {"ok": False, "reason": str(exc)}

@@ -132,6 +132,7 @@ class Upload:
     buffer: bytearray
     next_index: int = 0
     started: float = field(default_factory=time.monotonic)
+    connection: str | None = None  # the socket that sent the latest chunk: a change is a resumption
 
     @property
     def num_chunks(self) -> int:

@@ -166,6 +166,12 @@ class ScriptedClient:
         if b == "die":
             await self.sio.disconnect()
             return
+        if b == "forget_once" and not self.reconnected:
+            # killed and restarted mid-round: back with the same client_id, the request lost with it
+            self.reconnected = True
+            await self.sio.disconnect()
+            await self.sio.connect(self.url, transports=["websocket"])
+            return
         if b == "reconnect" and not self.reconnected:
             # drop the connection mid-round, come back with the same client_id, then answer
             self.reconnected = True

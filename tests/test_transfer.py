@@ -1,0 +1,175 @@
+"""Protocol v2 transfers (fedplug/transfer.py): chunk bookkeeping, integrity, resumption."""
+
+import asyncio
+import hashlib
+import os
+
+import pytest
+
+from fedplug.transfer import (Downloads, TransferError, Uploads, download, num_chunks, sha256_hex,
+                              upload)
+
+
+def _blob(n: int) -> bytes:
+    return os.urandom(n)
+
+
+def test_a_download_is_served_in_chunks_of_one_shared_blob():
+    downloads = Downloads(chunk_bytes=1000)
+    data = _blob(2500)
+    blob = downloads.offer(data, "r1-global")
+    assert blob.ref() == {"id": blob.id, "size": 2500, "sha256": hashlib.sha256(data).hexdigest(),
+                          "chunk_bytes": 1000, "num_chunks": 3}
+    parts = [downloads.chunk(blob.id, i)[0] for i in range(3)]
+    assert [len(p) for p in parts] == [1000, 1000, 500] and b"".join(parts) == data
+    assert downloads.offer(data, "r1-global") is blob  # offered twice: the same bytes, no copy
+    with pytest.raises(TransferError, match="does not exist"):
+        downloads.chunk(blob.id, 3)
+    with pytest.raises(TransferError, match="not offered"):
+        downloads.chunk("r9-global-nope", 0)
+    with pytest.raises(TransferError, match="integer"):
+        downloads.chunk(blob.id, "0")
+
+
+def test_old_blobs_are_forgotten():
+    downloads = Downloads(chunk_bytes=10, keep=2)
+    ids = [downloads.offer(_blob(20), f"r{i}").id for i in range(3)]
+    with pytest.raises(TransferError):
+        downloads.chunk(ids[0], 0)
+    assert downloads.chunk(ids[2], 0)[0]
+
+
+def test_an_upload_accepts_chunks_in_order_once_each_and_checks_every_hash():
+    uploads = Uploads(chunk_bytes=100, max_bytes=1000)
+    data = _blob(250)
+    up = uploads.begin("site1", 3, len(data), sha256_hex(data))
+    chunks = [data[i:i + 100] for i in range(0, 250, 100)]
+    with pytest.raises(TransferError, match="out of order; send chunk 0"):
+        up.accept(1, chunks[1], sha256_hex(chunks[1]))
+    with pytest.raises(TransferError, match="sha256"):
+        up.accept(0, chunks[0], sha256_hex(b"other"))
+    with pytest.raises(TransferError, match="must be 100 bytes"):
+        up.accept(0, chunks[0][:99], sha256_hex(chunks[0][:99]))
+    assert up.accept(0, chunks[0], sha256_hex(chunks[0])) == 1
+    assert up.accept(0, chunks[0], sha256_hex(chunks[0])) == 1  # a re-send after a lost ack: no harm
+    with pytest.raises(TransferError, match="incomplete: 1 of 3"):
+        uploads.take("site1", up.id, 3)
+    for i in (1, 2):
+        up.accept(i, chunks[i], sha256_hex(chunks[i]))
+    with pytest.raises(TransferError, match="round 3, not 4"):
+        uploads.take("site1", up.id, 4)
+    assert uploads.take("site1", up.id, 3) == data
+    with pytest.raises(TransferError, match="no open upload"):
+        uploads.take("site1", up.id, 3)
+
+
+def test_an_upload_is_bounded_and_resumed_by_round_and_hash():
+    uploads = Uploads(chunk_bytes=100, max_bytes=1000)
+    for size in (0, 1001, 10**30, "5", True):
+        with pytest.raises(TransferError, match="size must be an integer in 1..1000"):
+            uploads.begin("a", 1, size, "0" * 64)
+    with pytest.raises(TransferError, match="64 lower-case hex"):
+        uploads.begin("a", 1, 10, "xyz")
+    data = _blob(300)
+    first = uploads.begin("a", 1, 300, sha256_hex(data))
+    first.accept(0, data[:100], sha256_hex(data[:100]))
+    again = uploads.begin("a", 1, 300, sha256_hex(data))  # after a reconnect
+    assert again is first and again.next_index == 1
+    other = uploads.begin("a", 1, 300, sha256_hex(b"x" * 300))  # a different model replaces it
+    assert other is not first and other.next_index == 0 and len(uploads) == 1
+    uploads.begin("b", 2, 10, "0" * 64)
+    uploads.drop_before(2)  # round 1 ended: its upload's memory is freed
+    assert len(uploads) == 1
+    with pytest.raises(TransferError):
+        uploads.get("a", other.id)
+
+
+def test_a_corrupted_whole_upload_is_refused():
+    uploads = Uploads(chunk_bytes=100, max_bytes=1000)
+    data = _blob(150)
+    up = uploads.begin("a", 1, 150, sha256_hex(b"\0" * 150))  # declares another hash
+    up.accept(0, data[:100], sha256_hex(data[:100]))
+    up.accept(1, data[100:], sha256_hex(data[100:]))
+    with pytest.raises(TransferError, match="does not match the sha256 declared"):
+        uploads.take("a", up.id, 1)
+
+
+class FlakyPeer:
+    """A server stand-in reached through ``call``; drops every ``drop_every``-th call as a cut link would."""
+
+    def __init__(self, chunk_bytes=64, drop_every=0):
+        self.downloads = Downloads(chunk_bytes)
+        self.uploads = Uploads(chunk_bytes, max_bytes=10**6)
+        self.calls = 0
+        self.drop_every = drop_every
+        self.dropped = 0
+
+    async def call(self, event, payload):
+        for _ in range(10):  # what FederationClient._call does: ask again after a failure
+            self.calls += 1
+            if self.drop_every and self.calls % self.drop_every == 0:
+                self.dropped += 1
+                continue  # the request (or its ack) was lost
+            return self.handle(event, payload)
+        raise AssertionError("too many drops")
+
+    def handle(self, event, p):
+        try:
+            if event == "fetch_chunk":
+                data, _ = self.downloads.chunk(p["weights_id"], p["index"])
+                return {"ok": True, "data": data, "sha256": sha256_hex(data)}
+            if event == "begin_upload":
+                up = self.uploads.begin("c", p["round_number"], p["size"], p["sha256"])
+                return {"ok": True, "upload_id": up.id, "chunk_bytes": up.chunk_bytes, "next_index": up.next_index}
+            if event == "upload_chunk":
+                up = self.uploads.get("c", p["upload_id"])
+                return {"ok": True, "next_index": up.accept(p["index"], p["data"], p["sha256"])}
+        except TransferError as exc:
+            return {"ok": False, "reason": str(exc)}
+        raise AssertionError(event)
+
+
+def test_download_and_upload_survive_lost_calls_and_report_progress():
+    peer = FlakyPeer(chunk_bytes=64, drop_every=3)
+    data = _blob(1000)
+    ref = peer.downloads.offer(data, "r1").ref()
+    seen = []
+    got = asyncio.run(download(peer.call, ref, max_bytes=10**6, progress=lambda done, total: seen.append(done)))
+    assert got == data and seen[-1] == 1000 and len(seen) == num_chunks(1000, 64)
+    upload_id = asyncio.run(upload(peer.call, data, 1))
+    assert peer.dropped > 3
+    assert peer.uploads.take("c", upload_id, 1) == data
+
+
+def test_a_download_checks_what_it_got():
+    peer = FlakyPeer(chunk_bytes=64)
+    data = _blob(200)
+    ref = peer.downloads.offer(data, "r1").ref()
+    with pytest.raises(TransferError, match="over this client's limit"):
+        asyncio.run(download(peer.call, ref, max_bytes=100))
+    lying = dict(ref, sha256="0" * 64)
+    with pytest.raises(TransferError, match="do not match their sha256"):
+        asyncio.run(download(peer.call, lying, max_bytes=10**6))
+    with pytest.raises(TransferError, match="refused by the server"):
+        asyncio.run(download(peer.call, dict(ref, id="gone"), max_bytes=10**6))
+    for bad in (None, {"id": 1}, dict(ref, size="200"), dict(ref, chunk_bytes=0)):
+        with pytest.raises(TransferError):
+            asyncio.run(download(peer.call, bad, max_bytes=10**6))
+
+
+def test_an_upload_the_server_lost_starts_again():
+    peer = FlakyPeer(chunk_bytes=64)
+    data = _blob(300)
+    real = peer.handle
+    state = {"lost": False}
+
+    def forgetful(event, p):
+        if event == "upload_chunk" and p["index"] == 2 and not state["lost"]:
+            state["lost"] = True  # e.g. the server restarted: the partial upload is gone
+            peer.uploads.drop_before(10)
+            return {"ok": False, "restart": True, "reason": "no open upload"}
+        return real(event, p)
+
+    peer.handle = forgetful
+    upload_id = asyncio.run(upload(peer.call, data, 1))
+    assert state["lost"] and peer.uploads.take("c", upload_id, 1) == data
