@@ -127,6 +127,12 @@ async def run_server(cfg: Any, embedded: bool) -> int:
     from omegaconf import OmegaConf
 
     from fedplug.data import class_names_of, prepare_federation
+    from fedplug.startup import check_port, describe_os_error, listen_error
+
+    busy = check_port(str(cfg.server.host), int(cfg.server.port))  # before seconds of data and model loading
+    if busy:
+        echo(busy)
+        return 2
     from fedplug.data.errors import DatasetError
     from fedplug.launcher import ClientProcesses, client_command
     from fedplug.plugins import activate
@@ -145,6 +151,10 @@ async def run_server(cfg: Any, embedded: bool) -> int:
     try:
         shared_test = None
         if embedded:
+    except OSError as exc:  # e.g. a read-only run directory: the lock file cannot be created
+        echo(f"cannot start: cannot write in the run directory {run_dir} ({describe_os_error(exc)}); "
+             "make it writable, or choose another with hydra.run.dir=<dir>")
+        return 2
             echo(f"preparing data ({data_cfg.get('name', data_cfg.get('format'))}) for "
                  f"{cfg.run.num_clients} clients ...")
             federation = prepare_federation(data_cfg, int(cfg.run.num_clients))
@@ -163,6 +173,10 @@ async def run_server(cfg: Any, embedded: bool) -> int:
         {"aggregator": str(cfg.aggregator.name), "detector": str(cfg.model.name),
          "resource_policy": str(cfg.resource_policy.name)},
         disabled=list(cfg.plugins.disable or []),
+    except OSError as exc:  # a file or folder of the data that this user cannot read
+        echo(f"data error: cannot read {describe_os_error(exc)}; check the data paths (data.*, eval.data) "
+             "and that this user may read them")
+        return 2
     )
     for role, info in plugins.selected.items():
         log.info("%s: %s", role, info.describe())
@@ -172,8 +186,23 @@ async def run_server(cfg: Any, embedded: bool) -> int:
     except (RunFailed, FileNotFoundError, ValueError) as exc:
         echo(f"cannot start: {exc}")
         return 2
-    server.outputs.write_config(OmegaConf.to_container(cfg, resolve=True))
-    port = await server.start()
+    except OSError as exc:  # the run directory's files (event log, checkpoints) cannot be written
+        echo(f"cannot start: cannot write the run's files ({describe_os_error(exc)}); fix that path, "
+             "or choose another run directory with hydra.run.dir=<dir>")
+        return 2
+    try:
+        server.outputs.write_config(OmegaConf.to_container(cfg, resolve=True))
+    except OSError as exc:
+        await server.stop()
+        echo(f"cannot start: cannot write the run's files ({describe_os_error(exc)}); fix that path, "
+             "or choose another run directory with hydra.run.dir=<dir>")
+        return 2
+    try:
+        port = await server.start()
+    except OSError as exc:  # the port was taken between check_port and now
+        await server.stop()
+        echo(listen_error(str(cfg.server.host), int(cfg.server.port), exc))
+        return 2
     url = f"http://{cfg.server.host}:{port}"
     echo(f"fedplug server on {url}  model={cfg.model.name} ({server.num_parameters:,} parameters) "
          f"aggregator={cfg.aggregator.name} resource_policy={cfg.resource_policy.name}  classes={list(class_names)}")

@@ -4,19 +4,25 @@ Layout of ``<run_dir>``::
 
     config.yaml                 the resolved config
     events.jsonl                one line per protocol event (event, direction, round, client id, time)
-    metrics.csv / metrics.jsonl one row per finished round
-    checkpoints/last.safetensors  global model after the latest round (metadata: round, metrics)
-    checkpoints/best.safetensors  global model of the best evaluated round (highest global mAP@0.5)
-    checkpoints/resume.json       + aggregator_state.safetensors: what ``run.resume`` needs
+    metrics.csv / metrics.jsonl one row per committed round
+    checkpoints/manifest.json   the committed round: names the files below, with sizes and SHA-256
+    checkpoints/round_000N.safetensors             global model after round N (metadata: round, metrics)
+    checkpoints/round_000N.aggregator.safetensors  the aggregator's tensors after round N
+    checkpoints/round_000N.resume.json             history, best round, aggregator scalars: for ``run.resume``
+    checkpoints/last.safetensors  the latest round's model (a hard link to its round file)
+    checkpoints/best.safetensors  the best evaluated round's model (highest global mAP@0.5)
+
+How a round is committed, and resumed, is in :mod:`fedplug.commit`.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
-import os
 import math
+import os
 import threading
 import time
 from dataclasses import asdict
@@ -25,8 +31,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from fedplug.commit import ResumePoint, RoundStore, find_resume_point, fsync_dir, resume_doc, round_file, write_durable
+from fedplug.faults import fault_point
 from fedplug.types import RoundRecord, StateDict
-from fedplug.wire import encode_state, read_checkpoint, write_atomic
+from fedplug.wire import encode_state, write_atomic
 
 METRIC_COLUMNS = (
     "round", "participants", "num_participants", "train_loss", "test_loss", "map50", "recall",
@@ -48,6 +56,11 @@ class EventLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._file = open(self.path, "a", encoding="utf-8", buffering=1)
+        if self._file.tell() > 0:  # a resumed run's log: a line a kill cut short must not swallow the next one
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    self._file.write("\n")
         self.failed = False  # a write failed (e.g. disk full): later events may be missing
         self._t0 = time.time()
         # live subscribers (the dashboard, the terminal progress view): called with every row as it
@@ -91,19 +104,38 @@ class EventLog:
 
 
 def read_events(path: Path) -> list[dict]:
+    """The rows of an event log, skipping a line cut short by a crash (a SIGKILL mid-write)."""
+    rows = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
 
 
 class RunOutputs:
-    """Writes metrics and checkpoints of one run directory."""
+    """Writes metrics and checkpoints of one run directory.
+
+    The server makes one at start-up, calls :meth:`adopt` when it resumes a run
+    and :meth:`commit_round` once per finished round (in a worker thread).
+    """
 
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        self.store = RoundStore(self.checkpoint_dir)
         self.metrics_csv = self.run_dir / "metrics.csv"
         self.metrics_jsonl = self.run_dir / "metrics.jsonl"
+        # True while the metrics files may lack a round that the history has (a failed write under
+        # run.on_write_error=continue): the next commit rewrites them from the history instead of appending
+        self._metrics_behind = False
+
+    @property
+    def committed_round(self) -> int | None:
+        """The last round whose checkpoints and resume point are on disk (None: none yet)."""
+        return self.store.committed_round
 
     def write_config(self, resolved: Mapping[str, Any]) -> None:
         from omegaconf import OmegaConf
@@ -111,101 +143,175 @@ class RunOutputs:
         write_atomic(self.run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(dict(resolved))).encode())
 
     def record_round(self, record: RoundRecord) -> None:
-        row = {
-            "round": record.round_number,
-            "participants": " ".join(record.participants),
-            "num_participants": len(record.participants),
-            "train_loss": record.train_loss,
-            "test_loss": record.test_loss,
-            "map50": record.map50,
-            "recall": record.recall,
-            "coco_map": record.extra.get("coco_map"),
-            "seconds": round(record.seconds, 3),
-            # what the test figures cover: who scored them, on how many images, and which share
-            # of the expected test images that was (below 1 when an evaluator dropped out)
-            "evaluated_by": record.evaluated_by,
-            "eval_images": record.extra.get("eval_images"),
-            "eval_coverage": record.extra.get("eval_coverage"),
-        }
-        new = not self.metrics_csv.exists()
-        with open(self.metrics_csv, "a", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
-            if new:
-                writer.writeheader()
-            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-        full = asdict(record)
-        full["participants"] = list(record.participants)
-        with open(self.metrics_jsonl, "a", encoding="utf-8") as f:
-            f.write(json.dumps(full, default=_clean) + "\n")
+        """Append ``record``'s row to metrics.csv and metrics.jsonl (a header first in a new csv)."""
+        n = record.round_number
+        new = not self.metrics_csv.exists() or self.metrics_csv.stat().st_size == 0
+        _append(self.metrics_csv, (_csv_header() if new else "") + _csv_line(record), "metrics.csv", n)
+        _append(self.metrics_jsonl, _jsonl_line(record), "metrics.jsonl", n)
+
+    def rewrite_metrics(self, history: Sequence[RoundRecord]) -> None:
+        """Make metrics.csv and metrics.jsonl hold exactly one row per round of ``history``, atomically.
+
+        Called when resuming (a kill between a round's commit and its row, or in
+        the middle of the row, left a file a row short or with half a row) and
+        after a failed write under ``run.on_write_error=continue``.
+        """
+        if not history:
+            self.metrics_csv.unlink(missing_ok=True)
+            self.metrics_jsonl.unlink(missing_ok=True)
+            return
+        write_durable(self.metrics_csv, (_csv_header() + "".join(_csv_line(r) for r in history)).encode())
+        write_durable(self.metrics_jsonl, "".join(_jsonl_line(r) for r in history).encode())
+        fsync_dir(self.run_dir)
 
     def commit_round(self, record: RoundRecord, global_weights: StateDict, meta: Mapping[str, Any],
                      is_best: bool, aggregator_state: Mapping[str, Any], history: Sequence[RoundRecord],
                      best: Mapping[str, Any]) -> None:
-        """Everything a finished round leaves on disk: checkpoints, resume point, then its metrics row.
+        """Everything a finished round leaves on disk, committed as one unit (see :mod:`fedplug.commit`).
 
-        Called by the server once per round, in a worker thread, after aggregation
-        and evaluation.  The metrics row comes last, so a failed write never leaves
+        Called by the server once per round (``_write_round``), in a worker
+        thread, after aggregation and evaluation; ``history`` ends with
+        ``record``.  Order: the round's model, aggregator state and resume
+        document under round-numbered names; the manifest switch (the commit);
+        the metrics row; ``last``/``best.safetensors``; deleting what no
+        manifest names.  An OSError (ENOSPC: disk full) is raised as is; when
+        it comes before the switch the previous round stays the committed one
+        (:attr:`committed_round` says which), and the metrics files never have
         a row for a round whose checkpoint is not on disk.
         """
-        self.save_checkpoint("last", global_weights, meta)
-        if is_best:
-            self.save_checkpoint("best", global_weights, meta)
-        self.save_resume_point(record.round_number, aggregator_state, history, best)
-        self.record_round(record)
-
-    def save_checkpoint(self, name: str, weights: StateDict, meta: Mapping[str, Any]) -> Path:
-        path = self.checkpoint_dir / f"{name}.safetensors"
-        data = encode_state(weights, {k: json.dumps(_clean(v)) for k, v in meta.items()})
-        write_atomic(path, data)
-        return path
-
-    def save_resume_point(self, round_number: int, aggregator_state: Mapping[str, Any],
-                          history: Sequence[RoundRecord], best: Mapping[str, Any]) -> None:
-        """The aggregator's state and the run's history after ``round_number``.
-
-        Tensors go to safetensors, everything else to JSON; the JSON is written
-        last, so a crash in between leaves the previous resume point valid.
-        """
+        n = record.round_number
+        behind, self._metrics_behind = self._metrics_behind, True
+        fault_point("commit", "begin", n)
+        model = self.save_checkpoint(Path(round_file(n, "model")).stem, global_weights, meta)
         tensors = {k: v for k, v in aggregator_state.items() if isinstance(v, torch.Tensor)}
         scalars = {k: v for k, v in aggregator_state.items() if not isinstance(v, torch.Tensor)}
-        state_file = f"aggregator_state_{round_number}.safetensors"
-        write_atomic(self.checkpoint_dir / state_file, encode_state(tensors))
-        doc = {
-            "round": round_number,
-            "aggregator_state_file": state_file,
-            "aggregator_scalars": scalars,
-            "history": [asdict(r) for r in history],
-            "best": dict(best),
-        }
-        write_atomic(self.checkpoint_dir / "resume.json", json.dumps(doc, default=_clean).encode())
-        for old in self.checkpoint_dir.glob("aggregator_state_*.safetensors"):
-            if old.name != state_file:
-                old.unlink(missing_ok=True)
+        aggregator = write_durable(self.checkpoint_dir / round_file(n, "aggregator"), encode_state(tensors),
+                                   "aggregator", n)
+        doc = resume_doc(n, scalars, [asdict(r) for r in history], dict(best))
+        resume = write_durable(self.checkpoint_dir / round_file(n, "resume"),
+                               json.dumps(doc, default=_clean).encode(), "resume", n)
+        self.store.commit(n, model, aggregator, resume, is_best)
+        if behind:
+            self.rewrite_metrics(history)
+        else:
+            self.record_round(record)
+        self._metrics_behind = False
+        self.store.publish(n)
+        self.store.prune(n)
+        fault_point("commit", "done", n)
+
+    def save_checkpoint(self, name: str, weights: StateDict, meta: Mapping[str, Any]) -> dict:
+        """Write ``checkpoints/<name>.safetensors`` durably (metadata: ``meta`` as JSON); return its manifest entry."""
+        path = self.checkpoint_dir / f"{name}.safetensors"
+        data = encode_state(weights, {k: json.dumps(_clean(v)) for k, v in meta.items()})
+        rnd = meta.get("round")
+        return write_durable(path, data, "model", rnd if isinstance(rnd, int) else None)
+
+    def adopt(self, point: ResumePoint | None) -> None:
+        """Make this directory continue ``point`` (from :func:`find_resume_point`); the server's ``_resume`` calls it.
+
+        Resuming in place: ``last``/``best.safetensors`` are pointed at the
+        manifest's files, an interrupted commit's leftovers deleted, and the
+        metrics files rewritten to exactly the committed history.  Resuming from
+        another directory (or a run written before manifests): the point's files
+        are first copied in and committed here as its round.  ``None`` (the run
+        saved no round): leftovers and metrics files are removed, for a fresh start.
+        """
+        if point is not None:
+            in_place = point.run_dir.resolve() == self.run_dir.resolve()
+            if point.manifest is not None and in_place:
+                self.store.manifest = point.manifest
+            else:
+                tensors = {k for k, v in point.aggregator_state.items() if isinstance(v, torch.Tensor)}
+                scalars = {k: v for k, v in point.aggregator_state.items() if k not in tensors}
+                doc = resume_doc(point.round, scalars, [asdict(r) for r in point.history], point.best)
+                self.store.install(point, json.dumps(doc, default=_clean).encode())
+            self.store.publish()
+        self.store.prune()
+        self.rewrite_metrics(point.history if point is not None else [])
+        self._metrics_behind = False
+
+
+def _row(record: RoundRecord) -> dict:
+    return {
+        "round": record.round_number,
+        "participants": " ".join(record.participants),
+        "num_participants": len(record.participants),
+        "train_loss": record.train_loss,
+        "test_loss": record.test_loss,
+        "map50": record.map50,
+        "recall": record.recall,
+        "coco_map": record.extra.get("coco_map"),
+        "seconds": round(record.seconds, 3),
+        # what the test figures cover: who scored them, on how many images, and which share
+        # of the expected test images that was (below 1 when an evaluator dropped out)
+        "evaluated_by": record.evaluated_by,
+        "eval_images": record.extra.get("eval_images"),
+        "eval_coverage": record.extra.get("eval_coverage"),
+    }
+
+
+def _csv_text(rows: list[dict], header: bool) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS)
+    if header:
+        writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def _csv_header() -> str:
+    return _csv_text([], header=True)
+
+
+def _csv_line(record: RoundRecord) -> str:
+    return _csv_text([_row(record)], header=False)
+
+
+def _jsonl_line(record: RoundRecord) -> str:
+    full = asdict(record)
+    full["participants"] = list(record.participants)
+    return json.dumps(full, default=_clean) + "\n"
+
+
+def _append(path: Path, text: str, step: str, round_number: int) -> None:
+    """Append ``text`` and fsync; a kill half-way leaves half a row, which resuming rewrites away."""
+    data = text.encode("utf-8")
+    with open(path, "ab") as f:
+        f.write(data[: len(data) // 2])
+        f.flush()
+        fault_point("commit", f"{step}_partial", round_number)
+        f.write(data[len(data) // 2:])
+        f.flush()
+        os.fsync(f.fileno())
+    fault_point("commit", f"{step}_done", round_number)
 
 
 def load_resume_point(run_dir: Path) -> tuple[int, StateDict, dict, list[RoundRecord], dict]:
-    """Read what :meth:`RunOutputs.save_resume_point` and the last checkpoint wrote.
+    """(round, global weights, aggregator state, history, best) of ``run_dir``'s last committed round.
 
-    Returns (round, global weights, aggregator state, history, best).
+    A shorthand for :func:`fedplug.commit.find_resume_point` that raises
+    FileNotFoundError where that returns None (a run that saved no round).
     """
-    ckpt = Path(run_dir) / "checkpoints"
-    resume = ckpt / "resume.json"
-    if not resume.is_file():
-        raise FileNotFoundError(
-            f"run.resume={run_dir}: no {resume} — point run.resume at the directory of a previous run"
-        )
-    doc = json.loads(resume.read_text())
-    weights, meta = read_checkpoint(ckpt / "last.safetensors")
-    if int(json.loads(meta.get("round", "0"))) != int(doc["round"]):
-        raise ValueError(f"{ckpt}: last.safetensors and resume.json disagree on the round; cannot resume")
-    tensors, _ = read_checkpoint(ckpt / doc["aggregator_state_file"])
-    state = dict(tensors)
-    state.update(doc.get("aggregator_scalars", {}))
-    history = []
-    for r in doc["history"]:
-        r["participants"] = tuple(r["participants"])
-        history.append(RoundRecord(**r))
-    return int(doc["round"]), weights, state, history, doc.get("best", {})
+    point = find_resume_point(run_dir)
+    if point is None:
+        raise FileNotFoundError(f"run.resume={run_dir}: the run there stopped before it saved its first round")
+    return point.round, point.weights, point.aggregator_state, point.history, point.best
+
+
+def missing_commit_events(events_path: Path, history: Sequence[RoundRecord]) -> list[int]:
+    """Rounds of ``history`` with no ``round_committed`` line in the event log at ``events_path``.
+
+    A server killed after a round's commit but before it logged
+    ``round_committed`` leaves such a round; the server's ``_resume`` logs it then,
+    so the log names every committed round exactly once.
+    """
+    try:
+        logged = {e.get("round") for e in read_events(events_path) if e.get("event") == "round_committed"}
+    except FileNotFoundError:
+        logged = set()
+    return [r.round_number for r in history if r.round_number not in logged]
 
 
 def format_table(history: Sequence[RoundRecord], best_round: int | None) -> str:
@@ -229,7 +335,7 @@ class RunDirBusy(RuntimeError):
     """The run directory belongs to another run; the message says which directory to use instead."""
 
 
-RUN_MARKERS = ("metrics.csv", "resume.json", "checkpoints/last.safetensors")
+RUN_MARKERS = ("metrics.csv", "checkpoints/manifest.json", "checkpoints/resume.json", "checkpoints/last.safetensors")
 
 
 class RunDirLock:

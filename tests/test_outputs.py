@@ -47,8 +47,8 @@ def test_resume_point_round_trip(tmp_path):
     out = RunOutputs(tmp_path)
     w = {"a": torch.randn(3)}
     history = [_record(1), _record(2, 0.5)]
-    out.save_checkpoint("last", w, {"round": 2})
-    out.save_resume_point(2, {"m/a": torch.ones(3), "step": 2}, history, {"round": 2, "map50": 0.5})
+    out.commit_round(history[1], w, {"round": 2}, True, {"m/a": torch.ones(3), "step": 2}, history,
+                     {"round": 2, "map50": 0.5})
     rnd, weights, state, hist, best = load_resume_point(tmp_path)
     assert rnd == 2 and torch.equal(weights["a"], w["a"]) and torch.equal(state["m/a"], torch.ones(3))
     assert state["step"] == 2 and [r.round_number for r in hist] == [1, 2] and best["round"] == 2
