@@ -210,7 +210,7 @@ def _duration(seconds: float) -> str:
     seconds = max(0.0, float(seconds))
     if seconds < 60:
         return f"{seconds:.0f}s"
-    minutes, secs = divmod(int(seconds), 60)
+    minutes, secs = divmod(int(round(seconds)), 60)
     if minutes < 60:
         return f"{minutes}m{secs:02d}s"
     hours, minutes = divmod(minutes, 60)
