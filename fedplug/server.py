@@ -437,10 +437,13 @@ class FederationServer:
             upload = self.uploads.begin(cid, msg["round_number"], msg["size"], msg["sha256"])
         except TransferError as exc:
             return {"ok": False, "reason": str(exc)}
-        if upload.next_index and upload.connection != sid:
+        if upload.connection is None:
+            self.events.write("upload_started", "in", upload.round_number, cid, bytes=upload.size,
+                              chunks=upload.num_chunks)
+        elif upload.next_index and upload.connection != sid:
             self.events.write("upload_resumed", "in", upload.round_number, cid, next_index=upload.next_index,
                               bytes=upload.received_bytes)
-            upload.connection = sid
+        upload.connection = sid
         return {"ok": True, "upload_id": upload.id, "chunk_bytes": upload.chunk_bytes,
                 "next_index": upload.next_index, "num_chunks": upload.num_chunks}
 

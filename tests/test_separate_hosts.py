@@ -7,47 +7,21 @@ shared loopback — as clients on other machines would.
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import uuid
 
 import pytest
 
 pytestmark = pytest.mark.slow
 
-SERVER_IP, CLIENT_IP = "10.77.0.1", "10.77.0.2"
-
-
-def _ip(*args):
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
+from netns import CLIENT_IP, SERVER_IP
+from netns import two_hosts as hosts
 
 
 @pytest.fixture
 def two_hosts():
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("network namespaces need root and iproute2")
-    tag = uuid.uuid4().hex[:6]
-    srv, cli = f"fps{tag}", f"fpc{tag}"
-    try:
-        _ip("netns", "add", srv)
-        _ip("netns", "add", cli)
-        _ip("link", "add", f"vs{tag}", "type", "veth", "peer", "name", f"vc{tag}")
-        _ip("link", "set", f"vs{tag}", "netns", srv)
-        _ip("link", "set", f"vc{tag}", "netns", cli)
-        for ns, dev, addr in ((srv, f"vs{tag}", SERVER_IP), (cli, f"vc{tag}", CLIENT_IP)):
-            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
-            _ip("-n", ns, "link", "set", dev, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
-    except subprocess.CalledProcessError as exc:
-        for ns in (srv, cli):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        pytest.skip(f"cannot create network namespaces here: {exc.stderr.decode(errors='replace').strip()}")
-    try:
-        yield srv, cli
-    finally:
-        for ns in (srv, cli):  # deleting a namespace also removes its end of the veth pair
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    with hosts() as pair:
+        yield pair
 
 
 def test_server_and_clients_on_separate_hosts(tmp_path, two_hosts):
