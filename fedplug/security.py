@@ -528,9 +528,51 @@ class Authenticator:
             return self._fail(address, "wrong token")
         return Identity("none", claimed)
 
+    def check_http(self, header: Any, address: Any, status_token: str | None = None) -> bool:
+        """Whether an HTTP ``Authorization`` header may read the run (``GET /status``, the dashboard).
+
+        Accepted: ``Bearer <secret>`` or ``Basic`` (``user:secret``, what a
+        browser's login prompt sends) where the secret is ``status_token``
+        (``server.status_token``), the shared token, or — with per-site
+        credentials, as ``Basic <client_id>:<secret>`` — a site's own secret.
+        Failures count against the address like failed connections.
+        """
+        wait = self.limiter.retry_after(address)
+        if wait is not None:
+            raise AuthFailed(f"too many failed authentication attempts from this address; retry in {wait:.0f} s",
+                             retry_after=wait)
+        user, secret = parse_authorization(header)
+        if secret is not None:
+            if status_token and check_token(secret, status_token):
+                return True
+            if self.token is not None and check_token(secret, self.token):
+                return True
+            if self.credentials is not None and user is not None and self.credentials.verify(user, secret):
+                return True
+        self.limiter.failure(address)
+        return False
+
     def _fail(self, address: Any, reason: str) -> Identity:
         self.limiter.failure(address)
         raise AuthFailed(reason)
+
+
+def parse_authorization(header: Any) -> tuple[str | None, str | None]:
+    """``(user, secret)`` of an HTTP ``Authorization`` header (``Bearer`` has no user); ``(None, None)`` if unusable."""
+    if not isinstance(header, str) or len(header) > 4 * MAX_SECRET_LEN:
+        return None, None
+    scheme, _, value = header.strip().partition(" ")
+    value = value.strip()
+    if scheme.lower() == "bearer" and value:
+        return None, value
+    if scheme.lower() == "basic" and value:
+        try:
+            decoded = base64.b64decode(value, validate=True).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            return None, None
+        user, sep, secret = decoded.partition(":")
+        return (user or None, secret) if sep and secret else (None, None)
+    return None, None
 
 
 def read_secret_file(path: Path | str, key: str = "client.secret_file") -> str:

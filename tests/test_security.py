@@ -325,3 +325,39 @@ def test_fedplug_credentials_is_a_subcommand_of_the_console_script(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert S.Credentials.load(path).ids() == ["site-x"]
+
+
+# ---------------------------------------------------------------------- HTTP access (/status, the dashboard)
+
+
+def _basic(user, secret):
+    import base64
+
+    return "Basic " + base64.b64encode(f"{user}:{secret}".encode()).decode()
+
+
+def test_http_access_takes_the_token_the_status_token_or_a_sites_secret():
+    assert S.Authenticator(token="sesame").check_http("Bearer sesame", "h")
+    assert S.Authenticator(token="sesame").check_http(_basic("anyone", "sesame"), "h")  # a browser's prompt
+    assert not S.Authenticator(token="sesame").check_http("Bearer wrong", "h")
+    assert not S.Authenticator(token="sesame").check_http(None, "h")
+    creds = S.Credentials()
+    secret = creds.add("site-a")
+    auth = S.Authenticator(credentials=creds)
+    assert auth.check_http(_basic("site-a", secret), "h")
+    assert not auth.check_http(_basic("site-b", secret), "h") and not auth.check_http("Bearer " + secret, "h")
+    assert auth.check_http("Bearer admin-view", "h", status_token="admin-view")
+
+
+@pytest.mark.parametrize("header", ["", "Bearer", "Basic !!!", "Basic " + "QQ==", "Digest x", "x" * 5000, 7])
+def test_unusable_authorization_headers_are_refused_quietly(header):
+    assert S.parse_authorization(header)[1] is None
+    assert not S.Authenticator(token="t").check_http(header, "h")
+
+
+def test_failed_http_attempts_lock_out_like_failed_connections():
+    auth = S.Authenticator(token="sesame", limiter=S.FailedAttemptLimiter(max_failures=2, clock=Clock()))
+    auth.check_http("Bearer a", "10.6.6.6")
+    auth.check_http("Bearer b", "10.6.6.6")
+    with pytest.raises(S.AuthFailed, match="too many"):
+        auth.check_http("Bearer sesame", "10.6.6.6")
