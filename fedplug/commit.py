@@ -92,6 +92,17 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def write_bytes(f: Any, data: bytes | memoryview) -> None:
+    """The one place a commit's bytes reach a file (tests patch it to make the disk full at the Nth write).
+
+    Loops because an unbuffered file may take only part of the bytes (the disk
+    filling up mid-write); the next write then raises ENOSPC.
+    """
+    view = memoryview(data)
+    while view:
+        view = view[f.write(view):]
+
+
 def write_durable(path: Path, data: bytes, step: str | None = None, round_number: int | None = None) -> dict:
     """Write ``data`` to ``path`` via a fsynced temp file and ``os.replace``; return its manifest entry.
 
@@ -109,11 +120,11 @@ def write_durable(path: Path, data: bytes, step: str | None = None, round_number
         with os.fdopen(fd, "wb") as f:
             view = memoryview(data)
             half = len(view) // 2
-            f.write(view[:half])
+            write_bytes(f, view[:half])
             if step:
                 f.flush()
                 fault_point("commit", f"{step}.partial", round_number)
-            f.write(view[half:])
+            write_bytes(f, view[half:])
             f.flush()
             os.fsync(f.fileno())
         if step:

@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from fedplug import commit
 from fedplug.commit import ResumePoint, RoundStore, find_resume_point, fsync_dir, resume_doc, round_file, write_durable
 from fedplug.faults import fault_point
 from fedplug.types import RoundRecord, StateDict
@@ -278,13 +279,19 @@ def _jsonl_line(record: RoundRecord) -> str:
 def _append(path: Path, text: str, step: str, round_number: int) -> None:
     """Append ``text`` and fsync; a kill half-way leaves half a row, which resuming rewrites away."""
     data = text.encode("utf-8")
-    with open(path, "ab") as f:
-        f.write(data[: len(data) // 2])
-        f.flush()
-        fault_point("commit", f"{step}_partial", round_number)
-        f.write(data[len(data) // 2:])
-        f.flush()
-        os.fsync(f.fileno())
+    with open(path, "ab", buffering=0) as f:  # unbuffered: a failed write can be truncated away, not re-flushed
+        start = f.tell()
+        try:
+            commit.write_bytes(f, data[: len(data) // 2])
+            fault_point("commit", f"{step}_partial", round_number)
+            commit.write_bytes(f, data[len(data) // 2:])
+            os.fsync(f.fileno())
+        except OSError:  # disk full mid-row: leave no half row behind (best effort; resuming rewrites anyway)
+            try:
+                f.truncate(start)
+            except OSError:
+                pass
+            raise
     fault_point("commit", f"{step}_done", round_number)
 
 
