@@ -34,6 +34,7 @@ PROBLEM = re.compile(r"fail|error|cannot|could not|reject|died|exited with statu
                      re.IGNORECASE)
 STATE_STYLE = {"training": "blue", "uploading": "magenta", "evaluating": "yellow", "done": "green",
                "resource check": "cyan", "dropped": "bold red", "failed": "bold red", "finished": "dim"}
+SHORT = {"resource check": "check", "training": "train", "uploading": "upload", "evaluating": "eval"}
 MAX_CLIENT_ROWS = 24
 MAX_ROUND_ROWS = 8
 
@@ -143,13 +144,19 @@ class TerminalView:
                      Text(f"ETA {self._eta(history, current, started, now)}"))
 
         table = Table(title=None, box=None, padding=(0, 1), header_style="bold")
-        for name, justify in (("client", "left"), ("state", "left"), ("round", "right"), ("for", "right"),
-                              ("this round", "left"), ("transfer", "left"), ("sent", "right"),
-                              ("received", "right")):
-            table.add_column(name, justify=justify, no_wrap=True)
+        # the id and state keep their width on a narrow terminal; the round's timings wrap instead
+        table.add_column("client", no_wrap=True, min_width=min(16, max((len(c[0]) for c in clients), default=6)))
+        table.add_column("state", no_wrap=True, min_width=14)
+        table.add_column("round", justify="right", no_wrap=True)
+        table.add_column("for", justify="right", no_wrap=True)
+        table.add_column("this round", overflow="fold")
+        table.add_column("transfer", no_wrap=True)
+        table.add_column("sent", justify="right", no_wrap=True)
+        table.add_column("received", justify="right", no_wrap=True)
         for cid, state, rnd, since, durations, transfer, up, down in clients[:MAX_CLIENT_ROWS]:
             table.add_row(cid, Text(state, style=STATE_STYLE.get(state, "")), str(rnd or "-"),
-                          _duration(now - since), ", ".join(f"{k} {_duration(v)}" for k, v in durations.items()),
+                          _duration(now - since),
+                          " ".join(f"{SHORT.get(k, k)} {_duration(v)}" for k, v in durations.items()),
                           _transfer(transfer), _bytes(up), _bytes(down))
         if len(clients) > MAX_CLIENT_ROWS:
             table.add_row(f"… {len(clients) - MAX_CLIENT_ROWS} more", "", "", "", "", "", "", "")

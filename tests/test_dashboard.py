@@ -368,3 +368,15 @@ def test_the_view_settings_default_to_an_enabled_dashboard_and_auto_terminal():
     cfg = compose_cfg()
     validate(cfg)
     assert cfg.dashboard.enabled is True and cfg.ui.live == "auto" and cfg.ui.quiet is False
+
+
+def test_leaving_after_answering_the_last_evaluation_is_no_drop_but_dying_before_is():
+    live = LiveState()
+    for cid in ("a", "b"):
+        live.apply({"time": 1.0, "event": "client_wake_up", "direction": "in", "client_id": cid})
+        live.apply({"time": 2.0, "event": "stop_and_eval", "direction": "out", "client_id": cid, "round": 3,
+                    "STOP": True})
+    live.apply({"time": 3.0, "event": "client_eval", "direction": "in", "client_id": "a", "round": 3})
+    for cid in ("a", "b"):
+        live.apply({"time": 4.0, "event": "disconnect", "direction": "in", "client_id": cid, "round": 3})
+    assert live.clients["a"].state == "finished" and live.clients["b"].state == "dropped"

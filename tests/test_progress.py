@@ -99,7 +99,7 @@ def test_the_live_panel_shows_rounds_clients_transfers_eta_and_the_round_table()
     # ETA: 30 s per round, 3 rounds left, 20 s into round 2 -> 70 s (less the time this test took)
     assert re.search(r"ETA 1m(0[5-9]|10)s", text), text
     lines = {line.split()[0]: line for line in text.splitlines() if line.strip().startswith("site-")}
-    assert "uploading" in lines["site-a"] and "1.5 MB/6.0 MB" in lines["site-a"] and "training 18s" in lines["site-a"]
+    assert "uploading" in lines["site-a"] and "1.5 MB/6.0 MB" in lines["site-a"] and "train 18s" in lines["site-a"]
     assert "dropped" in lines["site-b"]
     assert "0.7500" in text and "0.2500" in text  # the round table: train loss, mAP@0.5 of round 1
     assert "client site-b disconnected" in terminal.getvalue()

@@ -24,7 +24,8 @@ State of a client, by the row that moves it there::
     stop_and_eval out            evaluating
     client_eval in               done
     run_finished out             finished
-    disconnect in                dropped        (finished, once run_finished went out)
+    disconnect in                dropped        (finished, once run_finished went out, or once the
+                                                 client answered the last stop_and_eval, STOP=true)
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ class LiveState:
         self.events: collections.deque[dict] = collections.deque(maxlen=max_events)
         self.rejections: collections.deque[dict] = collections.deque(maxlen=max_rejections)
         self.rejection_count = 0
-        self.finished_sent: set[str] = set()  # clients told run_finished: their disconnect is no drop
+        self.finished_sent: set[str] = set()  # clients done with the run: their disconnect is no drop
+        self._stop_round: dict[str, Any] = {}  # the round whose stop_and_eval told a client STOP
 
     def apply(self, row: Mapping[str, Any]) -> ClientState | None:
         """Take one row; return the client whose state it changed (or None)."""
@@ -116,6 +118,10 @@ class LiveState:
             client = self.clients[cid] = ClientState(str(cid), since=now)
         if event == "run_finished":
             self.finished_sent.add(cid)
+        if event == "stop_and_eval" and row.get("STOP"):
+            self._stop_round[cid] = row.get("round")
+        if event == "client_eval" and cid in self._stop_round and self._stop_round[cid] == row.get("round"):
+            self.finished_sent.add(cid)  # it answered the last evaluation: it may leave now
         if event == "disconnect" and cid in self.finished_sent:
             target = "finished"
         if event == "client_ready":
