@@ -32,14 +32,21 @@ import torch
 from aiohttp import web
 
 from fedplug import protocol as P
+from fedplug import schemas as S
+from fedplug import tls
+from fedplug.codecs import open_codec
 from fedplug.collect import PhaseCollector, UpdateStream
 from fedplug.evaluation import HeldOutEvaluator, eval_settings_from, resolve_place, round_metrics, safe_call
 from fedplug.outputs import EventLog, RunOutputs, format_table, load_resume_point
 from fedplug.plugins import ActivePlugins
+from fedplug.security import (AuthFailed, Authenticator, ConnectionCounter, Credentials, FailedAttemptLimiter,
+                              Identity, loose_permissions)
+from fedplug.socket_guard import EdgeLimits, GuardedServer
 from fedplug.transfer import DEFAULT_CHUNK_BYTES, Downloads, TransferError, Uploads
 from fedplug.server_hooks import PluginFailed, call, dry_run, is_decision, is_round_settings, model_checker
 from fedplug.types import ClientUpdate, DetectionStats, EmptyRoundError, ResourceReport, RoundRecord
-from fedplug.wire import WireError, check_against_spec, decode_checked, encode_state, spec_of
+from fedplug.wire import (SafetensorsLayout, WireError, check_against_spec, decode_checked, encode_state,
+                          open_checked, spec_of)
 
 log = logging.getLogger("fedplug.server")
 
@@ -58,6 +65,7 @@ class ClientSlot:
     info: dict = field(default_factory=dict)
     disconnected_at: float | None = None
     protocol_version: int = P.PROTOCOL_VERSION
+    declared_sid: str | None = None  # the connection that declared num_train / num_test (once per connection)
 
 
 def _plain(cfg: Any) -> Any:
@@ -66,6 +74,35 @@ def _plain(cfg: Any) -> Any:
     if isinstance(cfg, (DictConfig, ListConfig)):
         return OmegaConf.to_container(cfg, resolve=True)
     return cfg
+
+
+def _authenticator(server_cfg: Any) -> Authenticator:
+    """Who may connect, from ``server.credentials_file`` / ``server.token`` (fedplug.security)."""
+    path = server_cfg.get("credentials_file")
+    credentials = Credentials.load(Path(str(path)).expanduser()) if path else None
+    if credentials is not None and loose_permissions(credentials.path):
+        log.warning("credentials file %s is readable by other users; chmod 600 it", credentials.path)
+    lockout = float(server_cfg.get("auth_lockout_s", 60))
+    limiter = FailedAttemptLimiter(max_failures=int(server_cfg.get("auth_max_failures", 5)),
+                                   window_s=max(lockout, 1.0), lockout_s=lockout)
+    return Authenticator(credentials, server_cfg.get("token"), limiter)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _layout_of(state: Mapping[str, torch.Tensor]) -> tuple[SafetensorsLayout, str]:
+    """A broadcast of ``state``: chunks are read from its tensors (worker thread: hashing takes ~0.3 s per 158 MiB)."""
+    layout = SafetensorsLayout(state)
+    return layout, layout.sha256()
 
 
 def _encoded_size_bound(state: Mapping[str, torch.Tensor]) -> int:
@@ -92,8 +129,26 @@ class FederationServer:
         self.outputs = RunOutputs(self.run_dir)
         self.events = EventLog(self.run_dir / "events.jsonl")
         self.max_bytes = int(float(self.server_cfg.max_message_mb) * 1024 * 1024)
-        self.sio = socketio.AsyncServer(
+        # who may connect (per-site secrets, a shared token, or anyone) and over what (TLS or plain HTTP)
+        self.authenticator = _authenticator(self.server_cfg)
+        self.ssl_context = tls.server_context_from(self.server_cfg)
+        self.url_scheme = "https" if self.ssl_context is not None else "http"
+        self.identities: dict[str, Identity] = {}  # sid -> what its connect's auth proved
+        self.auth_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedplug-auth")
+        self.max_client_examples = int(self.server_cfg.get("max_client_examples", S.MAX_EXAMPLES))
+        self.max_clients = int(self.server_cfg.get("max_clients", 1000))
+        # the Socket.IO edge: whole-message bounds, undecodable packets, reserved names, handshake deadline,
+        # connections per address (fedplug/socket_guard.py); WebSocket only (no long-polling bodies to parse)
+        self.sio = GuardedServer(
             async_mode="aiohttp",
+            limits=EdgeLimits(max_message_bytes=self.max_bytes,
+                              handshake_timeout_s=float(self.server_cfg.get("handshake_timeout_s", 30))),
+            connections=ConnectionCounter(int(self.server_cfg.get("max_connections_per_address", 64)),
+                                          int(self.server_cfg.get("max_connections", 1024))),
+            reject=self._reject,
+            is_admitted=lambda sid: sid in self.sid_to_client,
+            server_events=P.SERVER_EVENTS,
+            transports=["websocket"],
             max_http_buffer_size=self.max_bytes,
             ping_interval=float(self.server_cfg.ping_interval_s),
             ping_timeout=float(self.server_cfg.ping_timeout_s),
@@ -127,6 +182,8 @@ class FederationServer:
         self._abort_reason: str | None = None
         self._stop_sent = False  # the last stop_and_eval went out: clients' disconnects are expected
         self.rng = random.Random(int(self.run_cfg.seed))
+        # a launcher that starts clients on demand, in waves, sets this (fedplug/pool.py); None: clients come by themselves
+        self.pool_of_clients = None
 
         self.model_cfg = _plain(cfg.model)
         self.aggregator_cfg = _plain(cfg.aggregator)
@@ -139,12 +196,16 @@ class FederationServer:
             raise RunFailed(f"detector {self.model_cfg.get('name')!r} built no model")
         self.global_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.spec = spec_of(self.global_weights)
+        # how client updates travel (codec=<name>, announced in init); a bad codec.* value stops the run here
+        self.codec = open_codec(cfg.get("codec"))
         self.num_parameters = sum(p.numel() for p in model.parameters())
         self.round_start_weights = self.global_weights
         # protocol v2 transfers: the round's broadcasts, and each client's upload in progress
         self.chunk_bytes = int(float(self.server_cfg.get("chunk_kb", DEFAULT_CHUNK_BYTES // 1024)) * 1024)
         self.downloads = Downloads(self.chunk_bytes)
-        self.uploads = Uploads(self.chunk_bytes, max_bytes=_encoded_size_bound(self.global_weights))
+        # uploads spill to files under the run directory: server memory stays flat in the number of clients
+        self.uploads = Uploads(self.chunk_bytes, max_bytes=_encoded_size_bound(self.global_weights),
+                               spill_dir=self.run_dir / ".uploads")
         # answer event -> (request event, payload) of the open phase, re-sent to a client that rejoins owing it
         self.phase_requests: dict[str, tuple[str, dict]] = {}
         self.eval_place = resolve_place(str(cfg.eval.get("on", "auto")), held_out is not None, clients_have_test)
@@ -196,9 +257,18 @@ class FederationServer:
     async def start(self) -> int:
         self.runner = web.AppRunner(self.app, access_log=None)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, str(self.server_cfg.host), int(self.server_cfg.port))
+        host = str(self.server_cfg.host)
+        site = web.TCPSite(self.runner, host, int(self.server_cfg.port), ssl_context=self.ssl_context)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # the real port when port=0
+        if not _is_loopback(host):
+            if not self.authenticator.required:
+                self.echo(f"warning: server.host={host} accepts other hosts and no credential is set: anyone who "
+                          "reaches this port can join as any client id. Set server.credentials_file (see "
+                          "`fedplug credentials add`) or server.token (docs/security.md)")
+            if self.ssl_context is None:
+                self.echo(f"warning: server.host={host} without TLS: weights and credentials cross the network in "
+                          "clear. Set server.ssl_certfile and server.ssl_keyfile (docs/security.md)")
         return self.port
 
     async def stop(self) -> None:
@@ -212,6 +282,7 @@ class FederationServer:
             await self.runner.cleanup()
         self.events.close()
         self.pool.shutdown(wait=True)
+        self.auth_pool.shutdown(wait=False, cancel_futures=True)
 
     async def _offload(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -261,9 +332,16 @@ class FederationServer:
             request = environ.get("aiohttp.request")
             remote = getattr(request, "remote", None) or environ.get("REMOTE_ADDR")
             self.events.write("connect", "in", None, None, sid=sid, remote=remote)
+            try:  # before any event of this socket is handled: python-socketio holds them until we return
+                self.identities[sid] = await self._authenticate(auth, remote)
+            except AuthFailed as exc:
+                log.warning("refused a connection from %s: %s", remote, exc.reason)
+                self.events.write("connect_refused", "in", None, None, sid=sid, remote=remote, reason=exc.reason)
+                raise socketio.exceptions.ConnectionRefusedError(exc.reason) from None
 
         @sio.event
         async def disconnect(sid, *args):
+            self.identities.pop(sid, None)
             cid = self.sid_to_client.pop(sid, None)
             self.events.write("disconnect", "in", self.round_number or None, cid, sid=sid)
             if cid is None:
@@ -286,11 +364,64 @@ class FederationServer:
                                (P.CLIENT_UPDATE, self._on_update), (P.CLIENT_EVAL, self._on_eval),
                                (P.BEGIN_UPLOAD, self._on_begin_upload), (P.UPLOAD_CHUNK, self._on_upload_chunk),
                                (P.FETCH_CHUNK, self._on_fetch_chunk)):
-            sio.on(event, handler)
+            sio.on(event, self._one_payload(event, handler))
 
         @sio.on("*")
-        async def unknown(event, sid, data=None):
+        async def unknown(event, sid, *args):  # event names are bounded by the GuardedServer
             await self._reject(sid, str(event), f"unknown event {event!r}", self._client_of(sid))
+
+    def _one_payload(self, event: str, handler):
+        """The handler for ``event`` taking any argument count: more than one payload is refused, not a TypeError."""
+        async def guarded(sid, *args):
+            if len(args) > 1:
+                reason = f"{event} takes one payload object, got {len(args)} arguments"
+                if event in P.TRANSFER_EVENTS:  # acknowledged: the refusal is the acknowledgement
+                    return {"ok": False, "reason": reason}
+                return await self._reject(sid, event, reason, self._client_of(sid))
+            return await handler(sid, args[0] if args else None)
+
+        return guarded
+
+    async def _authenticate(self, auth: Any, remote: Any) -> Identity:
+        """What a connection's ``auth`` payload proves; :class:`AuthFailed` with the reason the peer is told."""
+        try:
+            fields = S.parse_auth(auth)
+        except P.ProtocolError as exc:
+            self.authenticator.limiter.failure(remote)
+            raise AuthFailed(str(exc)) from None
+        if self.authenticator.method == "credentials":  # scrypt: tens of ms, off the event loop
+            if self.authenticator.credentials.path is not None:
+                try:
+                    self.authenticator.credentials.refresh()  # `fedplug credentials add` takes effect now
+                except ValueError as exc:
+                    log.error("%s", exc)
+            return await asyncio.get_running_loop().run_in_executor(
+                self.auth_pool, self.authenticator.check, fields, remote)
+        return self.authenticator.check(fields, remote)
+
+    async def authorize_http(self, request: web.Request) -> bool:
+        """Whether ``request`` may read the run (``GET /status``, the dashboard); raises 401 / 429 otherwise.
+
+        Open when no credential is configured at all (``server.host`` then keeps it
+        local by default); else it needs ``Authorization: Bearer <server.status_token
+        or server.token>`` or ``Basic <client_id>:<secret>`` of a site (docs/security.md).
+        """
+        status_token = self.server_cfg.get("status_token")
+        if not self.authenticator.required and not status_token:
+            return True
+        header = request.headers.get("Authorization")
+        try:
+            ok = await asyncio.get_running_loop().run_in_executor(
+                self.auth_pool, self.authenticator.check_http, header, request.remote,
+                str(status_token) if status_token else None)
+        except AuthFailed as exc:
+            raise web.HTTPTooManyRequests(text=exc.reason, headers={"Retry-After": str(int(exc.retry_after or 1))})
+        if not ok:
+            raise web.HTTPUnauthorized(
+                text="this run needs a credential: Authorization: Bearer <server.status_token or server.token>, "
+                     "or Basic <client_id>:<secret> of a site",
+                headers={"WWW-Authenticate": 'Basic realm="fedplug", charset="UTF-8"'})
+        return True
 
     async def _give_up_later(self, client_id: str, sid: str) -> None:
         """A client still gone after the grace period no longer holds up the current phase."""
@@ -329,9 +460,9 @@ class FederationServer:
 
     async def _on_wake_up(self, sid: str, data: Any = None) -> None:
         try:
-            msg = P.parse(P.CLIENT_WAKE_UP, data)
+            msg = S.parse(P.CLIENT_WAKE_UP, data)
         except P.ProtocolError as exc:
-            return await self._reject(sid, P.CLIENT_WAKE_UP, str(exc))
+            return await self._reject(sid, P.CLIENT_WAKE_UP, str(exc), self._client_of(sid))
         cid = msg["client_id"]
         self.events.write(P.CLIENT_WAKE_UP, "in", None, cid, sid=sid)
         version = msg["protocol_version"]
@@ -340,15 +471,31 @@ class FederationServer:
                                f"protocol version {version} is not supported; this server speaks versions "
                                f"{', '.join(map(str, P.SUPPORTED_VERSIONS))}", cid)
             return await self.sio.disconnect(sid)
-        token = self.server_cfg.token
-        if token and msg.get("token") != str(token):
-            await self._reject(sid, P.CLIENT_WAKE_UP, "wrong or missing token", cid)
-            return await self.sio.disconnect(sid)
+        # the token or secret was checked when this socket connected (self.identities)
+        identity = self.identities.get(sid, Identity("none"))
+        if identity.client_id is not None and cid != identity.client_id:
+            return await self._reject(sid, P.CLIENT_WAKE_UP, f"client_id {cid!r} is not the id this connection "
+                                      f"authenticated as ({identity.client_id!r})", identity.client_id)
+        bound = self.sid_to_client.get(sid)
+        if bound is not None and bound != cid:
+            return await self._reject(sid, P.CLIENT_WAKE_UP, f"this connection is client {bound!r}; a connection's "
+                                      "client id cannot change (connect again to be another client)", bound)
         slot = self.clients.get(cid)
         if slot is not None and slot.sid is not None and slot.sid != sid:
-            await self._reject(sid, P.CLIENT_WAKE_UP, f"client id {cid!r} is already connected", cid)
-            return await self.sio.disconnect(sid)
+            if not identity.proven:
+                await self._reject(sid, P.CLIENT_WAKE_UP, f"client id {cid!r} is already connected", cid)
+                return await self.sio.close_session(sid, f"client id {cid!r} is already connected")
+            # the site's own secret: it is back on a new connection while its old one is half-open
+            self.echo(f"  client {cid} connected again (its secret proves it); closing its previous connection")
+            self.events.write("client_takeover", "in", None, cid, sid=sid, previous=slot.sid)
+            await self.sio.close_session(slot.sid, f"client {cid} connected again with its secret")
         if slot is None:
+            if len(self.clients) >= self.max_clients:
+                self._forget_idle_clients()
+            if len(self.clients) >= self.max_clients:
+                await self._reject(sid, P.CLIENT_WAKE_UP, f"the server already knows {self.max_clients} clients "
+                                   "(server.max_clients)", cid)
+                return await self.sio.close_session(sid, "server.max_clients reached")
             slot = self.clients[cid] = ClientSlot(cid, sid)
         slot.sid, slot.disconnected_at, slot.protocol_version = sid, None, version
         slot.info = dict(msg.get("info") or {})
@@ -362,19 +509,33 @@ class FederationServer:
             "class_names": list(self.class_names),
             "resource_policy": self.policy_cfg,
             "eval": dict(_plain(self.cfg.eval), on=self.eval_place),
+            "codec": self.codec.config,  # encode client_update with it (docs/protocol.md, "Update codecs")
         })
+
+    def _forget_idle_clients(self) -> None:
+        """Drop table entries of clients that are gone and were never ready: they hold nothing of the run."""
+        for cid in [c for c, s in self.clients.items() if s.sid is None and s.declared_sid is None]:
+            del self.clients[cid]
 
     async def _on_ready(self, sid: str, data: Any = None) -> None:
         cid = self._client_of(sid)
         if cid is None:
             return await self._reject(sid, P.CLIENT_READY, "send client_wake_up first")
         try:
-            msg = P.parse(P.CLIENT_READY, data)
+            msg = S.parse(P.CLIENT_READY, data)
         except P.ProtocolError as exc:
             return await self._reject(sid, P.CLIENT_READY, str(exc), cid)
         if msg["client_id"] != cid:
             return await self._reject(sid, P.CLIENT_READY, "client_id differs from client_wake_up", cid)
+        for key in ("num_train", "num_test"):
+            if msg[key] > self.max_client_examples:
+                return await self._reject(sid, P.CLIENT_READY, f"{key}={msg[key]} is over "
+                                          f"server.max_client_examples={self.max_client_examples}", cid)
         slot = self.clients[cid]
+        if slot.declared_sid == sid and (slot.num_train, slot.num_test) != (msg["num_train"], msg["num_test"]):
+            return await self._reject(sid, P.CLIENT_READY, f"num_train and num_test are declared once per connection "
+                                      f"({slot.num_train} / {slot.num_test} on this one)", cid)
+        slot.declared_sid = sid
         slot.ready, slot.num_train, slot.num_test = True, msg["num_train"], msg["num_test"]
         self.events.write(P.CLIENT_READY, "in", None, cid, num_train=slot.num_train, num_test=slot.num_test)
         self.echo(f"  client {cid} ready ({slot.num_train} train / {slot.num_test} test images)")
@@ -401,7 +562,7 @@ class FederationServer:
     async def _on_resource_done(self, sid: str, data: Any = None) -> None:
         cid = self._client_of(sid)
         try:
-            msg = P.parse(P.CHECK_CLIENT_RESOURCE_DONE, data)
+            msg = S.parse(P.CHECK_CLIENT_RESOURCE_DONE, data)
         except P.ProtocolError as exc:
             return await self._reject(sid, P.CHECK_CLIENT_RESOURCE_DONE, str(exc), cid)
         self.events.write(P.CHECK_CLIENT_RESOURCE_DONE, "in", msg["round_number"], cid, load=msg["load_rate"])
@@ -423,7 +584,7 @@ class FederationServer:
         if self.clients[cid].protocol_version < 2:
             raise TransferError(f"{event} is protocol version 2; this connection woke up with version 1")
         try:
-            return cid, P.parse(event, data)
+            return cid, S.parse(event, data)
         except P.ProtocolError as exc:
             raise TransferError(str(exc)) from None
 
@@ -479,16 +640,25 @@ class FederationServer:
     async def _on_update(self, sid: str, data: Any = None) -> None:
         cid = self._client_of(sid)
         try:
-            msg = P.parse(P.CLIENT_UPDATE, data)
+            msg = S.parse(P.CLIENT_UPDATE, data)
         except P.ProtocolError as exc:
             return await self._reject(sid, P.CLIENT_UPDATE, str(exc), cid)
         rnd = msg["round_number"]
+        received: Path | None = None  # v2: the weights came before, in chunks, into this file
         if msg["ok"] and msg.get("weights_ref") is not None and cid is not None:
-            try:  # v2: the weights came before, in chunks
-                msg["weights"] = self.uploads.take(cid, msg["weights_ref"], rnd)
+            try:
+                received = self.uploads.take(cid, msg["weights_ref"], rnd)
             except TransferError as exc:
                 return await self._reject(sid, P.CLIENT_UPDATE, f"update rejected: {exc}", cid, rnd)
-        size = len(msg.get("weights") or b"")
+        try:
+            await self._take_update(sid, cid, msg, received)
+        finally:
+            if received is not None:
+                received.unlink(missing_ok=True)  # mapped (or refused) by now: the pages live with the tensors
+
+    async def _take_update(self, sid: str, cid: str | None, msg: dict, received: Path | None) -> None:
+        rnd = msg["round_number"]
+        size = received.stat().st_size if received is not None else len(msg.get("weights") or b"")
         self.events.write(P.CLIENT_UPDATE, "in", rnd, cid, ok=msg["ok"], bytes=size)
         collector, reason = self._admit(P.CLIENT_UPDATE, cid, rnd)
         if reason:
@@ -497,20 +667,28 @@ class FederationServer:
             self.echo(f"  client {cid} reported a failed update: {msg.get('reason', 'no reason given')}")
             self.events.write("update_failed", "in", rnd, cid, reason=msg.get("reason", ""))
             return collector.settle(cid, {"accepted": False, "reason": msg.get("reason", "")})
-        if msg["train_size"] <= 0:
-            await self._reject(sid, P.CLIENT_UPDATE, "train_size must be positive", cid, rnd)
+        # the FedAvg weight: never more than the training images this client declared in client_ready
+        train_size = self._capped(cid, rnd, "train_size", msg["train_size"], self.clients[cid].num_train, "num_train")
+        if train_size <= 0:
+            await self._reject(sid, P.CLIENT_UPDATE, "train_size must be positive (and at most the num_train "
+                               "declared in client_ready)", cid, rnd)
             return collector.settle(cid, {"accepted": False, "reason": "train_size <= 0"})
         collector.begin_work()
         stream = self.stream
         try:
-            weights = await self._offload(decode_checked, msg["weights"], self.spec)
+            if self.codec.name != "none":  # the codec's encoding, relative to the round's global model
+                weights = await self._offload(self.codec.decode, received or msg["weights"],
+                                              self.round_start_weights, self.spec)
+            else:
+                weights = await (self._offload(open_checked, received, self.spec) if received is not None
+                                 else self._offload(decode_checked, msg["weights"], self.spec))
         except WireError as exc:
             self.echo(f"  rejected update from {cid}: {exc}")
             await self._reject(sid, P.CLIENT_UPDATE, f"update rejected: {exc}", cid, rnd)
             self.events.write("update_rejected", "in", rnd, cid, reason=str(exc))
             collector.settle(cid, {"accepted": False, "reason": str(exc)})
         else:
-            update = ClientUpdate(cid, rnd, weights, int(msg["train_size"]), float(msg["train_loss"]),
+            update = ClientUpdate(cid, rnd, weights, int(train_size), float(msg["train_loss"]),
                                   metrics=dict(msg.get("metrics") or {}))
             if stream is not None and self.collectors.get(P.CLIENT_UPDATE) is collector:
                 stream.put(update)
@@ -525,7 +703,7 @@ class FederationServer:
     async def _on_eval(self, sid: str, data: Any = None) -> None:
         cid = self._client_of(sid)
         try:
-            msg = P.parse(P.CLIENT_EVAL, data)
+            msg = S.parse(P.CLIENT_EVAL, data)
             stats = None
             if msg["ok"] and msg.get("stats") is not None:
                 stats = DetectionStats.from_json(msg["stats"])
@@ -545,11 +723,21 @@ class FederationServer:
             return collector.settle(cid, None)
         metrics = {k: float(v) for k, v in (msg.get("metrics") or {}).items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-        collector.settle(cid, {"test_size": msg["test_size"], "test_loss": float(msg["test_loss"]),
+        test_size = self._capped(cid, rnd, "test_size", msg["test_size"], self.clients[cid].num_test, "num_test")
+        collector.settle(cid, {"test_size": test_size, "test_loss": float(msg["test_loss"]),
                                "map50": float(msg["test_map"]), "recall": float(msg["test_recall"]),
                                "stats": stats, "metrics": metrics})
 
+    def _capped(self, cid: str, rnd: int, key: str, claimed: int, declared: int, declared_key: str) -> int:
+        """A size a client claims for this round, capped by what it declared in client_ready (and logged if so)."""
+        if claimed <= declared:
+            return claimed
+        self.echo(f"  client {cid} claims {key}={claimed} but declared {declared_key}={declared}; counting {declared}")
+        self.events.write(f"{key}_capped", "in", rnd, cid, claimed=claimed, declared=declared)
+        return declared
+
     async def _http_status(self, request: web.Request) -> web.Response:
+        await self.authorize_http(request)
         return web.json_response({
             "phase": self.phase,
             "round": self.round_number,
@@ -574,8 +762,17 @@ class FederationServer:
     def ready_clients(self) -> list[str]:
         return sorted(cid for cid, s in self.clients.items() if s.ready and s.sid is not None)
 
+    def _candidates(self) -> list[str]:
+        """The clients a round may select: the ready ones, or with a pool every one it can start."""
+        return self.ready_clients() if self.pool_of_clients is None else self.pool_of_clients.client_ids()
+
     async def wait_for_clients(self, needed: int, timeout: float, purpose: str = "") -> None:
         """Wait until ``needed`` clients are ready; ``purpose`` says what for, in the failure message."""
+        if self.pool_of_clients is not None:  # its clients start when a round selects them (fedplug/pool.py)
+            if len(self.pool_of_clients.client_ids()) < needed:
+                raise RunFailed(f"only {len(self.pool_of_clients.client_ids())} client(s) can be started, "
+                                f"{needed} are needed ({purpose or f'run.min_clients={needed}'})")
+            return
         deadline = time.monotonic() + timeout
         while len(self.ready_clients()) < needed:
             if self._abort_reason:
@@ -676,11 +873,15 @@ class FederationServer:
     async def _run_round(self, rnd: int) -> RoundRecord:
         t0 = time.monotonic()
         rounds = int(self.run_cfg.rounds)
-        ready = self.ready_clients()
+        ready = self._candidates()
         if not ready:
             raise RunFailed("no client is connected and ready")
         k = min(int(self.run_cfg.clients_per_round), len(ready))
         contacted = sorted(self.rng.sample(ready, k))
+        if self.pool_of_clients is not None:  # waves: start the sampled clients first (fedplug/pool.py)
+            contacted = await self.pool_of_clients.ensure_ready(contacted, float(self.server_cfg.ready_timeout_s))
+            if not contacted:
+                raise RunFailed("none of the round's sampled clients became ready within server.ready_timeout_s")
         self.echo(f"round {rnd}/{rounds}: resource check on {len(contacted)} client(s) "
                   f"[{self.policy_cfg.get('name')}]")
         selected = await self._resource_check(rnd, contacted)
@@ -691,8 +892,8 @@ class FederationServer:
         settings["seed"] = int(self.run_cfg.seed) * 100003 + rnd
         settings.setdefault("total_rounds", rounds)  # lets a client's lr schedule span the whole run
         self.round_start_weights = round_start_weights = self.global_weights
-        payload_bytes = await self._offload(encode_state, round_start_weights)  # once per round
-        blob = self.downloads.offer(payload_bytes, f"r{rnd}-global")
+        layout, digest = await self._offload(_layout_of, round_start_weights)  # once per round, no copy
+        blob = self.downloads.offer(layout, f"r{rnd}-global", digest)
         self.uploads.drop_before(rnd)
         self.echo(f"  training on {len(selected)} client(s): {', '.join(selected)}")
 
@@ -788,7 +989,7 @@ class FederationServer:
 
     def _evaluators(self, participants: list[str]) -> list[str]:
         """The clients sent ``stop_and_eval``: ``eval.clients`` = all | round (this round's trainers) | <n>."""
-        ready = self.ready_clients()
+        ready = self._candidates()
         choice = str(self.cfg.eval.get("clients", "all"))
         if choice == "round":
             return [cid for cid in participants if cid in ready] or ready
@@ -809,10 +1010,9 @@ class FederationServer:
         expected_images = 0
         if self.eval_place in ("clients", "both"):
             # the last round's stop_and_eval carries STOP: every client must hear it
-            evaluators = self.ready_clients() if stop else self._evaluators(participants)
-            expected_images = sum(self.clients[cid].num_test for cid in evaluators)
-            payload_bytes = await self._offload(encode_state, weights)
-            blob = self.downloads.offer(payload_bytes, f"r{rnd}-eval")
+            evaluators = self._candidates() if stop else self._evaluators(participants)
+            layout, digest = await self._offload(_layout_of, weights)
+            blob = self.downloads.offer(layout, f"r{rnd}-eval", digest)
             collector = PhaseCollector(P.CLIENT_EVAL, rnd, set(evaluators))
             self.collectors[P.CLIENT_EVAL] = collector
             self._stop_sent = stop
@@ -820,8 +1020,13 @@ class FederationServer:
             self.phase_requests[P.CLIENT_EVAL] = (P.STOP_AND_EVAL, request)
             for cid in evaluators:
                 await self._emit(P.STOP_AND_EVAL, cid, request)
-            await collector.wait(float(self.server_cfg.eval_timeout_s))
+            if self.pool_of_clients is None:
+                await collector.wait(float(self.server_cfg.eval_timeout_s))
+            else:  # waves: the pool brings the evaluators up a capacity at a time (fedplug/pool.py)
+                await self.pool_of_clients.visit(evaluators, collector, float(self.server_cfg.eval_timeout_s))
             self._close(P.CLIENT_EVAL)
+            # after the wait: in waves, a client's test size is known once it joined; one never seen is not counted
+            expected_images = sum(self.clients[cid].num_test for cid in evaluators if cid in self.clients)
             client_entries = {cid: e for cid, e in collector.values().items() if e is not None}
             if len(client_entries) < len(evaluators):
                 self.echo(f"  only {len(client_entries)} of {len(evaluators)} clients evaluated; "

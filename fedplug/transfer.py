@@ -32,10 +32,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import re
 import secrets
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -65,19 +69,38 @@ def num_chunks(size: int, chunk_bytes: int) -> int:
 
 @dataclass
 class Blob:
-    """One serialised model the server offers for download (a round's broadcast)."""
+    """One serialised model the server offers for download (a round's broadcast).
+
+    ``source`` is ``bytes`` or anything with ``size``, ``read(start, length)`` and
+    ``to_bytes()`` — a :class:`fedplug.wire.SafetensorsLayout`, which serves chunks
+    straight from the global model's tensors, so a broadcast costs no model-sized buffer.
+    """
 
     id: str
-    data: bytes
+    source: Any
     sha256: str
     chunk_bytes: int
+    _bytes: bytes | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.source) if isinstance(self.source, (bytes, bytearray)) else int(self.source.size)
+
+    @property
+    def data(self) -> bytes:
+        """The whole file (protocol-1 peers get it inline): built once, on first use."""
+        if isinstance(self.source, (bytes, bytearray)):
+            return bytes(self.source)
+        if self._bytes is None:
+            self._bytes = self.source.to_bytes()
+        return self._bytes
 
     @property
     def num_chunks(self) -> int:
-        return num_chunks(len(self.data), self.chunk_bytes)
+        return num_chunks(self.size, self.chunk_bytes)
 
     def ref(self) -> dict[str, Any]:
-        return {"id": self.id, "size": len(self.data), "sha256": self.sha256,
+        return {"id": self.id, "size": self.size, "sha256": self.sha256,
                 "chunk_bytes": self.chunk_bytes, "num_chunks": self.num_chunks}
 
     def chunk(self, index: int) -> bytes:
@@ -85,7 +108,9 @@ class Blob:
             raise TransferError(f"chunk {index} of weights {self.id} does not exist "
                                 f"(it has {self.num_chunks}: 0..{self.num_chunks - 1})")
         start = index * self.chunk_bytes
-        return self.data[start:start + self.chunk_bytes]
+        if isinstance(self.source, (bytes, bytearray)):
+            return bytes(self.source[start:start + self.chunk_bytes])
+        return self.source.read(start, self.chunk_bytes)
 
 
 class Downloads:
@@ -100,8 +125,10 @@ class Downloads:
         self.keep = keep
         self._blobs: dict[str, Blob] = {}
 
-    def offer(self, data: bytes, label: str) -> Blob:
-        digest = sha256_hex(data)
+    def offer(self, data: Any, label: str, digest: str | None = None) -> Blob:
+        """Offer ``data`` (bytes or a layout); ``digest`` when already known (hashing 158 MiB takes ~0.3 s)."""
+        if digest is None:
+            digest = sha256_hex(data) if isinstance(data, (bytes, bytearray)) else data.sha256()
         blob_id = f"{label}-{digest[:16]}"
         blob = self._blobs.get(blob_id)
         if blob is None:
@@ -121,7 +148,13 @@ class Downloads:
 
 @dataclass
 class Upload:
-    """One client's model upload, filled chunk by chunk into a buffer of its declared size."""
+    """One client's model upload, written chunk by chunk into its own spill file (not into memory).
+
+    Chunks arrive in order, so the SHA-256 of the whole is computed as they come.
+    Spilling keeps the server's memory flat in the number of clients uploading at
+    once: a finished upload is mapped by :func:`fedplug.wire.open_checked` and its
+    pages are read by the aggregator, never copied into a model-sized buffer.
+    """
 
     id: str
     client_id: str
@@ -129,10 +162,24 @@ class Upload:
     size: int
     sha256: str
     chunk_bytes: int
-    buffer: bytearray
+    path: Path
     next_index: int = 0
     started: float = field(default_factory=time.monotonic)
     connection: str | None = None  # the socket that sent the latest chunk: a change is a resumption
+    _fd: int | None = None
+    _hasher: Any = field(default_factory=hashlib.sha256)
+
+    def __post_init__(self) -> None:
+        self._fd = os.open(self.path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+
+    def discard(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     @property
     def num_chunks(self) -> int:
@@ -162,7 +209,13 @@ class Upload:
             raise TransferError(f"upload_chunk: chunk {index} must be {expected} bytes, got {len(data)}")
         if not is_sha256(digest) or sha256_hex(data) != digest:
             raise TransferError(f"upload_chunk: chunk {index} does not match its sha256 (corrupted in transit?)")
-        self.buffer[start:start + expected] = data
+        if self._fd is None:
+            raise TransferError(f"upload {self.id} was closed")
+        try:
+            os.pwrite(self._fd, data, start)
+        except OSError as exc:  # e.g. the server's disk is full: the client's round fails, the server goes on
+            raise TransferError(f"the server cannot store the upload ({exc.strerror or exc})") from None
+        self._hasher.update(data)
         self.next_index += 1
         return self.next_index
 
@@ -174,9 +227,12 @@ class Uploads:
     SHA-256 gets its partial upload back, and goes on from ``next_index``.
     """
 
-    def __init__(self, chunk_bytes: int, max_bytes: int):
+    def __init__(self, chunk_bytes: int, max_bytes: int, spill_dir: Path | None = None):
         self.chunk_bytes = int(chunk_bytes)
         self.max_bytes = int(max_bytes)
+        self.spill_dir = Path(spill_dir) if spill_dir is not None else Path(tempfile.mkdtemp(prefix="fedplug-up-"))
+        shutil.rmtree(self.spill_dir, ignore_errors=True)  # a crashed run's partial uploads are of no use
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
         self._by_client: dict[str, Upload] = {}
 
     def begin(self, client_id: str, round_number: int, size: Any, digest: Any) -> Upload:
@@ -188,9 +244,15 @@ class Uploads:
         current = self._by_client.get(client_id)
         if current is not None and (current.round_number, current.size, current.sha256) == (round_number, size, digest):
             return current  # resume
-        upload = Upload(f"{client_id}-r{round_number}-{secrets.token_hex(6)}", client_id, round_number, size,
-                        digest, self.chunk_bytes, bytearray(size))
-        self._by_client[client_id] = upload  # replaces (and frees) any older one of this client
+        upload_id = f"r{round_number}-{secrets.token_hex(8)}"
+        try:
+            upload = Upload(upload_id, client_id, round_number, size, digest, self.chunk_bytes,
+                            self.spill_dir / f"{upload_id}.part")
+        except OSError as exc:
+            raise TransferError(f"begin_upload: the server cannot store an upload ({exc.strerror or exc})") from None
+        if current is not None:
+            current.discard()  # replaced: its file goes
+        self._by_client[client_id] = upload
         return upload
 
     def get(self, client_id: str, upload_id: Any) -> Upload:
@@ -199,24 +261,25 @@ class Uploads:
             raise TransferError(f"no open upload {upload_id!r} for {client_id}; call begin_upload first")
         return upload
 
-    def take(self, client_id: str, upload_id: Any, round_number: int) -> bytes:
-        """The finished upload's bytes (checked against the declared SHA-256); the upload is closed."""
+    def take(self, client_id: str, upload_id: Any, round_number: int) -> Path:
+        """The finished upload's file (checked against the declared SHA-256); the caller owns it now."""
         upload = self.get(client_id, upload_id)
         if upload.round_number != round_number:
             raise TransferError(f"upload {upload_id} is for round {upload.round_number}, not {round_number}")
         if not upload.complete:
             raise TransferError(f"upload {upload_id} is incomplete: {upload.next_index} of "
                                 f"{upload.num_chunks} chunks received")
-        if sha256_hex(upload.buffer) != upload.sha256:
-            del self._by_client[client_id]
-            raise TransferError(f"upload {upload_id} does not match the sha256 declared in begin_upload")
         del self._by_client[client_id]
-        return bytes(upload.buffer)
+        upload.close()
+        if upload._hasher.hexdigest() != upload.sha256:
+            upload.discard()
+            raise TransferError(f"upload {upload_id} does not match the sha256 declared in begin_upload")
+        return upload.path
 
     def drop_before(self, round_number: int) -> None:
-        """Forget uploads of rounds that ended: their memory is not held into the next round."""
+        """Forget uploads of rounds that ended: their files are not kept into the next round."""
         for cid in [c for c, u in self._by_client.items() if u.round_number < round_number]:
-            del self._by_client[cid]
+            self._by_client.pop(cid).discard()
 
     def __len__(self) -> int:
         return len(self._by_client)

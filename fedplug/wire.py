@@ -12,11 +12,12 @@ threads, never on the event loop.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from safetensors.torch import load as st_load
@@ -136,3 +137,169 @@ def read_checkpoint(path: Path) -> tuple[StateDict, dict[str, str]]:
         for key in f.keys():
             tensors[key] = f.get_tensor(key)
     return tensors, meta
+
+
+# ------------------------------------------------------------------ zero-copy layouts (protocol v2)
+
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_DTYPE_OF = {name: dtype for dtype, name in _ST_DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+
+
+class SafetensorsLayout:
+    """A state dict laid out as a safetensors file *without* building the file: byte ranges read from the tensors.
+
+    The server offers each round's global model to K clients in chunks; serialising
+    it into one more model-sized buffer per broadcast (and once more for evaluation)
+    is what made the server's memory grow during a round.  Here chunk reads copy
+    only the chunk.  The bytes are a valid safetensors file (tensors in name order,
+    8-byte-aligned header); :meth:`to_bytes` materialises it for protocol-1 peers.
+    The tensors must not change while the layout is in use (the server replaces
+    its global model, never writes into it).
+    """
+
+    def __init__(self, state: StateDict, metadata: Mapping[str, str] | None = None):
+        import json
+
+        self._pieces: list[tuple[int, memoryview]] = []  # (start offset in the file, bytes)
+        header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+        offset = 0
+        views = []
+        for name in sorted(state):
+            tensor = state[name].detach().to("cpu").contiguous()
+            if tensor.dtype not in _ST_DTYPES:
+                raise WireError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot carry")
+            nbytes = tensor.numel() * tensor.element_size()
+            header[name] = {"dtype": _ST_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            views.append((offset, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B") if nbytes else memoryview(b"")))
+            offset += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-(8 + len(text)) % 8)  # data starts 8-byte aligned, as safetensors writes it
+        self.header = len(text).to_bytes(8, "little") + text
+        self.size = len(self.header) + offset
+        self._pieces = [(0, memoryview(self.header))] + [(len(self.header) + o, v) for o, v in views if len(v)]
+        self._starts = [start for start, _ in self._pieces]
+
+    def read(self, start: int, length: int) -> bytes:
+        """Bytes ``[start, start + length)`` of the file (fewer at its end)."""
+        import bisect
+
+        end = min(self.size, start + length)
+        out = bytearray()
+        i = max(0, bisect.bisect_right(self._starts, start) - 1)
+        while start < end and i < len(self._pieces):
+            piece_start, view = self._pieces[i]
+            lo = start - piece_start
+            if 0 <= lo < len(view):
+                take = min(len(view) - lo, end - start)
+                out += view[lo:lo + take]
+                start += take
+            i += 1
+        return bytes(out)
+
+    def sha256(self) -> str:
+        import hashlib
+
+        digest = hashlib.sha256()
+        for _, view in self._pieces:
+            digest.update(view)
+        return digest.hexdigest()
+
+    def to_bytes(self) -> bytes:
+        return b"".join(bytes(view) for _, view in self._pieces)
+
+
+def open_checked(path: Path, spec: ModelSpec, *, unlink: bool = True) -> StateDict:
+    """Map a peer's safetensors file and return its tensors as views of the mapping, validated against ``spec``.
+
+    No model-sized copy is made: the tensors read the file's pages, which the
+    kernel brings in when an aggregator reads them and drops again afterwards,
+    so queued updates cost almost no memory.  The header is parsed here, with
+    bounds, rather than by the safetensors library, because the library wants
+    the whole file as one bytes object.  Raises :class:`WireError`, never
+    anything else.  With ``unlink`` the file is removed at once (its pages
+    live as long as the tensors).
+    """
+    import json
+    import mmap
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise WireError(f"weights are {size} bytes: not a safetensors file")
+            mapping = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)  # private: never writes the file
+    except OSError as exc:
+        raise WireError(f"cannot read the received weights: {exc}") from None
+    finally:
+        if unlink:
+            path.unlink(missing_ok=True)
+    header_len = int.from_bytes(mapping[:8], "little")
+    if not 0 < header_len <= min(MAX_HEADER_BYTES, size - 8):
+        raise WireError(f"weights are not valid safetensors data: header length {header_len} for {size} bytes")
+    try:
+        header = json.loads(bytes(mapping[8:8 + header_len]))
+    except ValueError as exc:
+        raise WireError(f"weights are not valid safetensors data: header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise WireError("weights are not valid safetensors data: header is not an object")
+    header.pop("__metadata__", None)
+    data_start, data_len = 8 + header_len, size - 8 - header_len
+    missing = [n for n in spec if n not in header]
+    extra = [n for n in header if n not in spec]
+    if missing or extra:
+        parts = ([f"missing {len(missing)} tensor(s), e.g. {missing[:3]}"] if missing else []) + (
+            [f"unexpected {len(extra)} tensor(s), e.g. {[str(e)[:80] for e in extra[:3]]}"] if extra else [])
+        raise WireError("tensor names differ from the global model: " + "; ".join(parts))
+    ranges = []
+    for name, expected in spec.items():
+        entry = header[name]
+        if not isinstance(entry, dict):
+            raise WireError(f"weights are not valid safetensors data: entry {name!r} is not an object")
+        dtype = _DTYPE_OF.get(entry.get("dtype"))
+        if dtype != expected.dtype:
+            raise WireError(f"tensor {name!r} has dtype {entry.get('dtype')!r}, the global model has {expected.dtype}")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(shape, list) or tuple(shape) != expected.shape:
+            raise WireError(f"tensor {name!r} has shape {shape!r}, the global model has {expected.shape}")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+            raise WireError(f"weights are not valid safetensors data: bad data_offsets for {name!r}")
+        start, end = offsets
+        nbytes = math.prod(expected.shape) * torch.empty((), dtype=dtype).element_size()
+        if not 0 <= start <= end <= data_len or end - start != nbytes:
+            raise WireError(f"weights are not valid safetensors data: {name!r} spans {offsets}, "
+                            f"{nbytes} bytes expected within {data_len}")
+        ranges.append((start, end, name, dtype))
+    ranges.sort()
+    covered = 0
+    for start, end, name, _ in ranges:
+        if start != covered:
+            raise WireError(f"weights are not valid safetensors data: tensor {name!r} overlaps or leaves a gap")
+        covered = end
+    if covered != data_len:
+        raise WireError("weights are not valid safetensors data: trailing bytes after the last tensor")
+    state: dict[str, torch.Tensor] = {}
+    for start, end, name, dtype in ranges:
+        count = (end - start) // max(1, torch.empty((), dtype=dtype).element_size())
+        offset = data_start + start
+        if count == 0:
+            tensor = torch.empty(spec[name].shape, dtype=dtype)
+        elif offset % torch.empty((), dtype=dtype).element_size() == 0:
+            tensor = torch.frombuffer(mapping, dtype=dtype, count=count, offset=offset).view(spec[name].shape)
+        else:  # a misaligned tensor (a peer's own writer): copy it rather than hand kernels a bad pointer
+            tensor = torch.frombuffer(bytearray(mapping[offset:offset + end - start]), dtype=dtype).view(spec[name].shape)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise WireError(f"tensor {name!r} holds NaN or Inf values")
+        state[name] = tensor
+    try:  # the checks read every page; let the kernel take them back until an aggregator reads them again
+        mapping.madvise(mmap.MADV_DONTNEED)
+    except (AttributeError, OSError, ValueError):
+        pass
+    return state

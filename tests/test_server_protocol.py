@@ -179,13 +179,17 @@ def test_ready_timeout_fails_with_a_clear_message(tmp_path):
 def test_the_global_model_is_serialised_once_per_send_not_once_per_client(tmp_path, monkeypatch):
     from fedplug import server as server_module
 
-    calls = []
-    real = server_module.encode_state
-    monkeypatch.setattr(server_module, "encode_state", lambda *a, **k: calls.append(1) or real(*a, **k))
+    from fedplug.wire import SafetensorsLayout
+
+    calls, whole = [], []
+    real, real_bytes = server_module._layout_of, SafetensorsLayout.to_bytes
+    monkeypatch.setattr(server_module, "_layout_of", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(SafetensorsLayout, "to_bytes", lambda self: whole.append(1) or real_bytes(self))
     cfg = compose_cfg("run.rounds=2", "run.min_clients=4", "run.clients_per_round=4", "run.num_clients=4")
-    status, server, _ = _run(cfg, tmp_path, {c: "good" for c in "abcd"})
+    status, server, _ = _run(cfg, tmp_path, {c: "good" for c in "abcd"})  # protocol-1 peers: weights inline
     assert status == 0
     assert len(calls) == 2 * 2  # per round: one for request_update, one for stop_and_eval — for 4 clients
+    assert len(whole) == 2 * 2  # and each built into one inline message once, not once per client
 
 
 def test_a_client_that_reconnects_mid_round_keeps_its_identity_and_its_update_counts(tmp_path):

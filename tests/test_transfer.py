@@ -39,8 +39,8 @@ def test_old_blobs_are_forgotten():
     assert downloads.chunk(ids[2], 0)[0]
 
 
-def test_an_upload_accepts_chunks_in_order_once_each_and_checks_every_hash():
-    uploads = Uploads(chunk_bytes=100, max_bytes=1000)
+def test_an_upload_accepts_chunks_in_order_once_each_and_checks_every_hash(tmp_path):
+    uploads = Uploads(chunk_bytes=100, max_bytes=1000, spill_dir=tmp_path / "up")
     data = _blob(250)
     up = uploads.begin("site1", 3, len(data), sha256_hex(data))
     chunks = [data[i:i + 100] for i in range(0, 250, 100)]
@@ -58,13 +58,14 @@ def test_an_upload_accepts_chunks_in_order_once_each_and_checks_every_hash():
         up.accept(i, chunks[i], sha256_hex(chunks[i]))
     with pytest.raises(TransferError, match="round 3, not 4"):
         uploads.take("site1", up.id, 4)
-    assert uploads.take("site1", up.id, 3) == data
+    path = uploads.take("site1", up.id, 3)
+    assert path.read_bytes() == data and path.parent == tmp_path / "up"
     with pytest.raises(TransferError, match="no open upload"):
         uploads.take("site1", up.id, 3)
 
 
-def test_an_upload_is_bounded_and_resumed_by_round_and_hash():
-    uploads = Uploads(chunk_bytes=100, max_bytes=1000)
+def test_an_upload_is_bounded_and_resumed_by_round_and_hash(tmp_path):
+    uploads = Uploads(chunk_bytes=100, max_bytes=1000, spill_dir=tmp_path)
     for size in (0, 1001, 10**30, "5", True):
         with pytest.raises(TransferError, match="size must be an integer in 1..1000"):
             uploads.begin("a", 1, size, "0" * 64)
@@ -78,20 +79,21 @@ def test_an_upload_is_bounded_and_resumed_by_round_and_hash():
     other = uploads.begin("a", 1, 300, sha256_hex(b"x" * 300))  # a different model replaces it
     assert other is not first and other.next_index == 0 and len(uploads) == 1
     uploads.begin("b", 2, 10, "0" * 64)
-    uploads.drop_before(2)  # round 1 ended: its upload's memory is freed
-    assert len(uploads) == 1
+    uploads.drop_before(2)  # round 1 ended: its upload's file is removed
+    assert len(uploads) == 1 and not other.path.exists() and not first.path.exists()
     with pytest.raises(TransferError):
         uploads.get("a", other.id)
 
 
-def test_a_corrupted_whole_upload_is_refused():
-    uploads = Uploads(chunk_bytes=100, max_bytes=1000)
+def test_a_corrupted_whole_upload_is_refused(tmp_path):
+    uploads = Uploads(chunk_bytes=100, max_bytes=1000, spill_dir=tmp_path)
     data = _blob(150)
     up = uploads.begin("a", 1, 150, sha256_hex(b"\0" * 150))  # declares another hash
     up.accept(0, data[:100], sha256_hex(data[:100]))
     up.accept(1, data[100:], sha256_hex(data[100:]))
     with pytest.raises(TransferError, match="does not match the sha256 declared"):
         uploads.take("a", up.id, 1)
+    assert not up.path.exists()
 
 
 class FlakyPeer:
@@ -99,7 +101,7 @@ class FlakyPeer:
 
     def __init__(self, chunk_bytes=64, drop_every=0):
         self.downloads = Downloads(chunk_bytes)
-        self.uploads = Uploads(chunk_bytes, max_bytes=10**6)
+        self.uploads = Uploads(chunk_bytes, max_bytes=10**6)  # spills to a fresh temp dir
         self.calls = 0
         self.drop_every = drop_every
         self.dropped = 0
@@ -138,7 +140,7 @@ def test_download_and_upload_survive_lost_calls_and_report_progress():
     assert got == data and seen[-1] == 1000 and len(seen) == num_chunks(1000, 64)
     upload_id = asyncio.run(upload(peer.call, data, 1))
     assert peer.dropped > 3
-    assert peer.uploads.take("c", upload_id, 1) == data
+    assert peer.uploads.take("c", upload_id, 1).read_bytes() == data
 
 
 def test_a_download_checks_what_it_got():
@@ -172,4 +174,53 @@ def test_an_upload_the_server_lost_starts_again():
 
     peer.handle = forgetful
     upload_id = asyncio.run(upload(peer.call, data, 1))
-    assert state["lost"] and peer.uploads.take("c", upload_id, 1) == data
+    assert state["lost"] and peer.uploads.take("c", upload_id, 1).read_bytes() == data
+
+
+def test_a_layout_is_a_valid_safetensors_file_served_without_a_model_sized_buffer():
+    import torch
+    from safetensors.torch import load
+
+    from fedplug.wire import SafetensorsLayout
+
+    state = {"b.w": torch.randn(30, 7), "a": torch.arange(11), "h": torch.randn(5).half(),
+             "m": torch.tensor([True, False]), "bf": torch.randn(3).bfloat16(), "empty": torch.zeros(0)}
+    layout = SafetensorsLayout(state)
+    whole = layout.to_bytes()
+    assert len(whole) == layout.size and layout.sha256() == hashlib.sha256(whole).hexdigest()
+    assert all(torch.equal(load(whole)[k], v) for k, v in state.items())
+    downloads = Downloads(chunk_bytes=50)
+    blob = downloads.offer(layout, "r1")
+    assert b"".join(blob.chunk(i) for i in range(blob.num_chunks)) == whole and blob.data == whole
+
+
+def test_a_received_file_is_mapped_checked_and_refused_precisely(tmp_path):
+    import struct
+
+    import torch
+
+    from fedplug.wire import WireError, encode_state, open_checked, spec_of
+
+    state = {"w": torch.randn(4, 3), "n": torch.tensor(7)}
+    spec = spec_of(state)
+    good = tmp_path / "good.part"
+    good.write_bytes(encode_state(state))
+    got = open_checked(good, spec)
+    assert all(torch.equal(got[k], state[k]) for k in state) and not good.exists()
+
+    def refused(data: bytes, match: str):
+        path = tmp_path / "bad.part"
+        path.write_bytes(data)
+        with pytest.raises(WireError, match=match):
+            open_checked(path, spec)
+
+    raw = encode_state(state)
+    refused(raw[:5], "not a safetensors file")
+    refused(struct.pack("<Q", 10**12) + raw[8:], "header length")
+    refused(struct.pack("<Q", 4) + b"nope" + raw[12:], "not JSON")
+    nan = dict(state, w=torch.full((4, 3), float("nan")))
+    refused(encode_state(nan), "NaN or Inf")
+    refused(encode_state({"w": state["w"]}), "missing 1 tensor")
+    refused(encode_state(dict(state, w=torch.randn(3, 4))), "shape")
+    refused(encode_state(dict(state, w=state["w"].double())), "dtype")
+    refused(raw + b"extra", "trailing bytes")
