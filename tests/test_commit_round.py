@@ -387,3 +387,121 @@ def test_the_event_log_names_each_committed_round_once_after_a_kill(tmp_path):
     rows = read_events(tmp_path / "events.jsonl")
     assert [r["round"] for r in rows if r["event"] == "round_committed"] == [1, 2]
     assert missing_commit_events(tmp_path / "events.jsonl", history) == []
+
+
+# --------------------------------------------------------------------------- through the server
+
+
+def _serve(run_dir, *overrides, rounds: int = 3):
+    """The real server in-process with two scripted clients; returns (status, server, printed lines)."""
+    import asyncio
+
+    from scripted import ScriptedClient, compose_cfg, toy_plugins
+
+    from fedplug.server import FederationServer
+
+    cfg = compose_cfg(f"run.rounds={rounds}", "run.min_clients=2", "run.clients_per_round=2", "run.num_clients=2",
+                      *overrides)
+    lines: list[str] = []
+
+    async def main():
+        server = FederationServer(cfg, toy_plugins(), ("car", "person", "sign"), run_dir, echo=lines.append)
+        port = await server.start()
+        clients = [ScriptedClient(f"http://127.0.0.1:{port}", cid) for cid in ("a", "b")]
+        try:
+            for c in clients:
+                await c.start()
+            status = await asyncio.wait_for(server.run_federation(), 60)
+        finally:
+            for c in clients:
+                await c.close()
+            await server.stop()
+        return status, server
+
+    lock = RunDirLock(run_dir, run_dir if any("run.resume" in o for o in overrides) else None)
+    try:
+        status, server = asyncio.run(main())
+    finally:
+        lock.release()
+    return status, server, lines
+
+
+def _disk_full_in_round(monkeypatch, rounds: set[int]) -> None:
+    """Every write of the rounds in ``rounds`` fails with ENOSPC, as on a full disk."""
+    full = [False]
+    real_commit, real_write = RunOutputs.commit_round, commit.write_bytes
+
+    def commit_round(self, record, *args, **kwargs):
+        full[0] = record.round_number in rounds
+        return real_commit(self, record, *args, **kwargs)
+
+    def write_bytes(f, data):
+        if full[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(f, data)
+
+    monkeypatch.setattr(RunOutputs, "commit_round", commit_round)
+    monkeypatch.setattr(commit, "write_bytes", write_bytes)
+
+
+def _logged_rounds(run_dir, event: str) -> list[int]:
+    return [e["round"] for e in read_events(run_dir / "events.jsonl") if e["event"] == event]
+
+
+def test_disk_full_stops_the_run_saying_so_and_it_resumes_after_the_saved_round(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    _disk_full_in_round(monkeypatch, {2})
+    status, server, lines = _serve(run_dir)
+    monkeypatch.undo()
+    assert status == 1
+    failure = [line for line in lines if "could not write round 2" in line]
+    assert failure and "the disk is full" in failure[0] and "round 1 stays saved and resumable" in failure[0]
+    assert f"run.resume={run_dir}" in failure[0]
+    assert _csv_rounds(run_dir) == [1] and find_resume_point(run_dir).round == 1
+    assert _logged_rounds(run_dir, "write_failed") == [2] and _logged_rounds(run_dir, "round_committed") == [1]
+    # the operator frees space and resumes into the same directory
+    status, server, lines = _serve(run_dir, f"run.resume={run_dir}")
+    assert status == 0 and [r.round_number for r in server.history] == [1, 2, 3]
+    assert f"resuming from {run_dir} after round 1" in lines
+    assert _csv_rounds(run_dir) == [1, 2, 3] and _logged_rounds(run_dir, "round_committed") == [1, 2, 3]
+    weights, meta = read_checkpoint(run_dir / "checkpoints" / "last.safetensors")
+    assert json.loads(meta["round"]) == 3 and torch.equal(weights["conv.weight"], server.global_weights["conv.weight"])
+
+
+def test_on_write_error_continue_goes_on_and_the_next_round_writes_everything(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    _disk_full_in_round(monkeypatch, {2})
+    status, server, lines = _serve(run_dir, "run.on_write_error=continue")
+    assert status == 0 and [r.round_number for r in server.history] == [1, 2, 3]
+    assert any("could not write round 2" in line and "going on without it" in line for line in lines)
+    assert _csv_rounds(run_dir) == [1, 2, 3]  # round 2's row comes back with round 3's commit
+    assert _logged_rounds(run_dir, "write_failed") == [2] and _logged_rounds(run_dir, "round_committed") == [1, 3]
+    assert find_resume_point(run_dir).round == 3
+
+
+def test_on_write_error_continue_still_fails_a_run_whose_last_round_is_not_saved(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    _disk_full_in_round(monkeypatch, {2})
+    status, server, lines = _serve(run_dir, "run.on_write_error=continue", rounds=2)
+    assert status == 1 and find_resume_point(run_dir).round == 1
+    assert any("could not write round 2" in line for line in lines)
+
+
+def test_a_run_killed_before_its_first_commit_resumes_as_a_fresh_start(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "events.jsonl").write_text('{"event": "request_update", "round": 1}\n')
+    (run_dir / "checkpoints" / "round_0001.safetensors").write_bytes(b"half a model")  # the killed commit's
+    status, server, lines = _serve(run_dir, f"run.resume={run_dir}", rounds=2)
+    assert status == 0 and [r.round_number for r in server.history] == [1, 2]
+    assert any("stopped before it saved its first round; starting at round 1" in line for line in lines)
+    assert _csv_rounds(run_dir) == [1, 2] and find_resume_point(run_dir).round == 2
+
+
+def test_on_write_error_must_be_stop_or_continue():
+    from scripted import compose_cfg
+
+    from fedplug.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="run.on_write_error must be one of stop, continue, got 'retry'"):
+        validate(compose_cfg("run.on_write_error=retry"))
