@@ -380,3 +380,29 @@ def test_leaving_after_answering_the_last_evaluation_is_no_drop_but_dying_before
     for cid in ("a", "b"):
         live.apply({"time": 4.0, "event": "disconnect", "direction": "in", "client_id": cid, "round": 3})
     assert live.clients["a"].state == "finished" and live.clients["b"].state == "dropped"
+
+
+def test_a_phase_change_that_no_row_carries_still_reaches_the_page(tmp_path):
+    cfg = compose_cfg("run.rounds=1")
+
+    async def go():
+        server = FederationServer(cfg, toy_plugins(), CLASSES, tmp_path, echo=lambda *a: None)
+        port = await server.start()
+        messages: list = []
+        async with aiohttp.ClientSession() as s:
+            opened = asyncio.Event()
+            reader = asyncio.create_task(_collect_sse(s, f"http://127.0.0.1:{port}/dashboard/events", messages,
+                                                      opened))
+            try:
+                await asyncio.wait_for(opened.wait(), 10)
+                server.phase = "finished"  # as after the last client left: no row follows
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline and not any(k == "status" for k, _ in messages):
+                    await asyncio.sleep(0.1)
+            finally:
+                await server.stop()
+            await asyncio.wait_for(reader, 10)
+        return messages
+
+    messages = asyncio.run(go())
+    assert ("status", {"phase": "finished", "round": 0, "rounds": 1}) in messages

@@ -13,8 +13,9 @@ is true, after ``/status`` is routed and before the aiohttp app starts:
                            picture: on opening, and again whenever this page
                            fell behind), ``row`` (one event row, the client it
                            changed, phase and round), ``round`` (a finished
-                           round and the best one so far), ``bye`` (the
-                           server is stopping)
+                           round and the best one so far), ``status``
+                           (phase or round changed with no row to carry
+                           it), ``bye`` (the server is stopping)
 =========================  ==================================================
 
 Everything is read-only.  Who may look is decided by one function,
@@ -42,6 +43,7 @@ log = logging.getLogger("fedplug.dashboard")
 
 STATIC_TYPES = {"app.js": "text/javascript", "chart.js": "text/javascript", "style.css": "text/css"}
 KEEPALIVE_S = 15.0  # a comment line this often lets both ends notice a dead connection
+STATUS_CHECK_S = 0.5  # how often the phase is compared with what the pages were last told
 DASHBOARD_KEY = web.AppKey("fedplug.dashboard", object)
 # the rows the server writes once a finished round is in server.history: its outputs were
 # committed, or their write failed and the run went on (run.on_write_error=continue)
@@ -88,6 +90,7 @@ class Dashboard:
                        max_viewers=int(options.get("max_viewers", 20)), encode=self._encode)
         self.static = {name: _read_static(name) for name in ("index.html", *STATIC_TYPES)}
         self._config: Mapping[str, Any] | None = None
+        self._status_task: asyncio.Task | None = None
 
     def install(self) -> None:
         app = self.server.app
@@ -106,10 +109,27 @@ class Dashboard:
 
     async def _startup(self, app: web.Application) -> None:
         self.hub.start(asyncio.get_running_loop())
+        self._status_task = asyncio.get_running_loop().create_task(self._watch_status())
 
     async def _shutdown(self, app: web.Application) -> None:
+        if self._status_task is not None:
+            self._status_task.cancel()
         # open streams would hold the server's shutdown for its whole timeout: end them now
         self.hub.stop()
+
+    async def _watch_status(self) -> None:
+        """Tell the pages when the phase changes without an event row (e.g. ``finished`` after the last one).
+
+        Rows carry the phase too; this catches the changes no row follows.  It
+        reads two attributes twice a second: nothing a run would notice.
+        """
+        told = status(self.server)
+        while True:
+            await asyncio.sleep(STATUS_CHECK_S)
+            now = status(self.server)
+            if now != told:
+                told = now
+                self.hub.broadcast(sse("status", now))
 
     # ------------------------------------------------------------------ what is sent
 

@@ -127,13 +127,21 @@ class Hub:
 
     def deliver(self, row: Mapping[str, Any]) -> None:
         try:
-            messages = self.encode(row, self.live.apply(row))
+            client = self.live.apply(row)
+            if not self.subscribers:
+                return  # nobody is watching: keep the state, skip encoding
+            messages = self.encode(row, client)
         except Exception:  # a view must never disturb the run: log and drop the row
             log.exception("dashboard could not take event row %r", row.get("event"))
             return
         for subscriber in list(self.subscribers):
             for message in messages:
                 subscriber.push(message)
+
+    def broadcast(self, message: bytes) -> None:
+        """Queue one encoded message for every open page (on the loop)."""
+        for subscriber in list(self.subscribers):
+            subscriber.push(message)
 
     def subscribe(self) -> Subscriber | None:
         """A new page's queue, or None when ``max_viewers`` pages are already open."""

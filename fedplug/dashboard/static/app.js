@@ -2,7 +2,8 @@
 //
 // Messages (see fedplug/dashboard/routes.py): "snapshot" replaces the whole picture (on opening, and
 // whenever this page fell behind and the server dropped its queue), "row" is one protocol event with
-// the client it changed, "round" a finished round, "bye" the server stopping. Rendering is batched to
+// the client it changed, "round" a finished round, "status" a phase change no row carried, "bye" the
+// server stopping. Rendering is batched to
 // one pass per animation frame, so a burst of transfer-progress rows costs one redraw.
 // Every value from the server is put in the page as text (textContent), never as markup.
 
@@ -102,6 +103,12 @@ function connect() {
   source.addEventListener("snapshot", (e) => onSnapshot(JSON.parse(e.data)));
   source.addEventListener("row", (e) => onRow(JSON.parse(e.data)));
   source.addEventListener("round", (e) => onRound(JSON.parse(e.data)));
+  source.addEventListener("status", (e) => {
+    const data = JSON.parse(e.data);
+    if (!snap) return;
+    snap.phase = data.phase; snap.round = data.round; snap.rounds = data.rounds;
+    invalidate("status");
+  });
   source.addEventListener("bye", (e) => {
     const data = JSON.parse(e.data);
     if (snap) { snap.phase = data.phase; snap.round = data.round; snap.best = data.best; }
