@@ -406,3 +406,19 @@ def test_a_phase_change_that_no_row_carries_still_reaches_the_page(tmp_path):
 
     messages = asyncio.run(go())
     assert ("status", {"phase": "finished", "round": 0, "rounds": 1}) in messages
+
+
+def test_every_file_of_the_page_is_package_data_so_a_wheel_installs_it():
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    mine = patterns.get("fedplug.dashboard", [])
+    static = sorted(p.relative_to(root / "fedplug" / "dashboard").as_posix()
+                    for p in (root / "fedplug" / "dashboard" / "static").iterdir())
+    assert static == ["static/app.js", "static/chart.js", "static/index.html", "static/style.css"]
+    missing = [f for f in static if not any(fnmatch.fnmatch(f, p) for p in mine)]
+    assert not missing, f"add to [tool.setuptools.package-data] \"fedplug.dashboard\": {missing}"
+    assert set(routes.STATIC_TYPES) | {"index.html"} == {Path(f).name for f in static}
