@@ -29,6 +29,7 @@ from fedplug import transfer
 from fedplug.plugins import activate
 from fedplug.evaluation import eval_settings_from
 from fedplug.types import EvalResult, ResourceReport, TrainResult, TrainSettings
+from fedplug.update_filter import apply_update_filter
 from fedplug.wire import WireError, decode_checked, encode_state, spec_of
 
 log = logging.getLogger("fedplug.client")
@@ -389,6 +390,7 @@ class FederationClient:
             if not result.ok or result.weights is None or not math.isfinite(loss):
                 reason = result.reason or f"non-finite training loss {loss}"
                 return {"round_number": rnd, "ok": False, "train_size": 0, "train_loss": 0.0, "reason": reason}
+            result = apply_update_filter(result, global_state, ts)  # what the aggregator asked for (clip, DP noise)
             weights = encode_state(result.weights)
         except (HookFailed, WireError, AttributeError, TypeError, ValueError) as exc:  # a failed round, not a dead client
             log.exception("round %d: training failed", rnd)

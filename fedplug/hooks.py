@@ -11,11 +11,14 @@ Roles and who calls what
 role (config group)       entry-point group        hooks
 ========================  =======================  =========================================
 aggregator                ``fedplug.aggregators``  ``fedplug_aggregate``,
-                                                   ``fedplug_aggregator_round_settings``
+                                                   ``fedplug_aggregator_round_settings``,
+                                                   ``fedplug_aggregator_privacy``
 detector (``model``)      ``fedplug.detectors``    ``fedplug_build_model``,
                                                    ``fedplug_train_round``, ``fedplug_evaluate``
 resource_policy           ``fedplug.resource_policies``  ``fedplug_measure_resources``,
                                                    ``fedplug_select_clients``
+update_filter             ``fedplug.update_filters``  ``fedplug_filter_update`` (selected by the
+                                                   aggregator's round settings, run on clients)
 observer                  ``fedplug.observers``    ``fedplug_run_start`` ... ``fedplug_run_end``
 ========================  =======================  =========================================
 
@@ -45,6 +48,7 @@ if TYPE_CHECKING:
         ClientUpdate,
         EvalResult,
         EvalSettings,
+        PrivacyMechanism,
         ResourceDecision,
         ResourceReport,
         RoundRecord,
@@ -118,6 +122,24 @@ def fedplug_aggregator_round_settings(
         settings for this round.  A key that is not a ``TrainSettings`` field
         is not an error: it reaches the detector in ``settings.extra`` (a dict),
         e.g. ``{"my_hint": 3}`` gives ``settings.extra["my_hint"] == 3``.
+    """
+
+
+@hookspec(firstresult=True)
+def fedplug_aggregator_privacy(round_number: int, config: Mapping[str, Any]) -> PrivacyMechanism | None:
+    """The differentially private release this aggregator makes in round ``round_number``, if any.
+
+    Optional.  Called by the server (its privacy ledger, ``fedplug/privacy/
+    ledger.py``) at start-up for the first round it will run, and before every
+    round: the answer feeds the privacy accountant, whose (epsilon, delta) goes
+    into the round's metrics (``epsilon``, ``delta`` in ``RoundRecord.extra``)
+    and stops the run before a round that would exceed ``privacy.max_epsilon``.
+    It must depend only on ``round_number`` and ``config``, never on the
+    clients' data, since it is asked before the round runs.
+
+    :return: a :class:`~fedplug.types.PrivacyMechanism` (e.g. DP-FedAvg returns
+        ``PrivacyMechanism("central", noise_multiplier=z, clip_norm=C)``), or
+        ``None`` for an aggregator that adds no noise (the default).
     """
 
 
@@ -218,6 +240,36 @@ def fedplug_select_clients(
     :return: a :class:`~fedplug.types.ResourceDecision` whose ``selected`` is
         a subset of ``contacted``; with ``proceed=False`` the server backs off
         and asks again.
+    """
+
+
+# -------------------------------------------------------------------------
+# Update filter (client process): chosen by the aggregator, applied before sending
+# -------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def fedplug_filter_update(
+    result: TrainResult, global_weights: StateDict, settings: TrainSettings, config: Mapping[str, Any]
+) -> TrainResult:
+    """Transform a client's training result before it leaves the site (clip it, noise it).
+
+    Called by a client, in its worker thread, after a successful
+    ``fedplug_train_round`` and before the weights are encoded, when the
+    round's settings name this filter: the aggregator's
+    ``fedplug_aggregator_round_settings`` returns ``{"update_filter": {"name":
+    <filter>, ...}}`` (``fedplug/update_filter.py``).  Built-ins: ``dp_clip``
+    (L2 clipping of the change from ``global_weights``) and ``dp_local``
+    (clipping plus Gaussian noise: local differential privacy).
+
+    :param result: the detector's result; ``result.weights`` is the full trained
+        state.  Read-only.
+    :param global_weights: the round's global model the client started from.  Read-only.
+    :param settings: the round's training settings (``round_number``, ``extra``).
+    :param config: the filter's settings as the aggregator sent them (``name`` included).
+    :return: a :class:`~fedplug.types.TrainResult` whose weights have the
+        model's names, shapes and dtypes.  An exception makes the client
+        report a failed round (it never sends the unfiltered update).
     """
 
 

@@ -39,7 +39,7 @@ from fedplug.wire import encode_state, write_atomic
 
 METRIC_COLUMNS = (
     "round", "participants", "num_participants", "train_loss", "test_loss", "map50", "recall",
-    "coco_map", "seconds", "evaluated_by", "eval_images", "eval_coverage",
+    "coco_map", "seconds", "epsilon", "evaluated_by", "eval_images", "eval_coverage",
 )
 
 
@@ -244,6 +244,8 @@ def _row(record: RoundRecord) -> dict:
         "recall": record.recall,
         "coco_map": record.extra.get("coco_map"),
         "seconds": round(record.seconds, 3),
+        # differential privacy spent so far (fedplug/privacy/ledger.py); empty without a DP aggregator
+        "epsilon": record.extra.get("epsilon"),
         # what the test figures cover: who scored them, on how many images, and which share
         # of the expected test images that was (below 1 when an evaluator dropped out)
         "evaluated_by": record.evaluated_by,

@@ -41,7 +41,7 @@ REQUIRED_HOOKS: dict[str, tuple[str, ...]] = {
     "observer": (),
 }
 OPTIONAL_HOOKS: dict[str, tuple[str, ...]] = {
-    "aggregator": ("fedplug_aggregator_round_settings",),
+    "aggregator": ("fedplug_aggregator_round_settings", "fedplug_aggregator_privacy"),
     "detector": (),
     "resource_policy": (),
     "observer": (
@@ -50,11 +50,17 @@ OPTIONAL_HOOKS: dict[str, tuple[str, ...]] = {
     ),
 }
 OBSERVER_HOOKS = OPTIONAL_HOOKS["observer"]
+# update filters (fedplug/update_filter.py): chosen per round by the aggregator's settings, not by a config
+# group, and loaded by clients only, so they stay out of the tables the config checks read
+ROLE_GROUPS["update_filter"] = "fedplug.update_filters"
+REQUIRED_HOOKS["update_filter"] = ("fedplug_filter_update",)
+OPTIONAL_HOOKS["update_filter"] = ()
 # role hook -> the role that owns it (firstresult hooks: one selected plugin answers).
 ROLE_OF_HOOK: dict[str, str] = {
     hook: role for role in ("aggregator", "detector", "resource_policy")
     for hook in REQUIRED_HOOKS[role] + OPTIONAL_HOOKS[role]
 }
+ROLE_OF_HOOK["fedplug_filter_update"] = "update_filter"
 HOOK_SPECS: tuple[str, ...] = tuple(
     sorted(name for name, obj in vars(hooks).items() if name.startswith("fedplug_") and inspect.isfunction(obj))
 )

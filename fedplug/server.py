@@ -227,6 +227,13 @@ class FederationServer:
                     int(self.run_cfg.clients_per_round), self.aggregator_state)
         except PluginFailed as exc:
             raise RunFailed(f"start-up check of the plugins failed: {exc}") from None
+        try:  # epsilon per round and the privacy.max_epsilon stop (fedplug/privacy/ledger.py)
+            from fedplug.privacy.ledger import PrivacyLedger
+
+            self.privacy = PrivacyLedger(_plain(cfg.get("privacy")), plugins, self.aggregator_cfg, self.history,
+                                         self.start_round, int(self.run_cfg.rounds))
+        except (ValueError, PluginFailed, RuntimeError) as exc:
+            raise RunFailed(f"privacy: {exc}") from None
         self._register_handlers()
 
     # ------------------------------------------------------------------ lifecycle
@@ -822,6 +829,11 @@ class FederationServer:
                               f"{self.run_cfg.patience} evaluations (run.patience)")
                     self.echo(reason)
                     break
+                budget = self.privacy.exhausted(rnd)
+                if budget is not None:
+                    reason = budget
+                    self.echo(reason)
+                    break
             else:
                 reason = "completed"
             last = self.history[-1] if self.history else None
@@ -859,7 +871,8 @@ class FederationServer:
             try:
                 record = await self._run_round(rnd)
                 return dataclasses.replace(record, seconds=time.monotonic() - t0,
-                                           extra={**record.extra, "attempts": float(attempt + 1)})
+                                           extra={**record.extra, "attempts": float(attempt + 1),
+                                                  **self.privacy.spend(rnd)})
             except RunFailed as exc:
                 if attempt == retries:
                     raise RunFailed(f"round {rnd} failed after {retries + 1} attempt(s): {exc}") from None
@@ -934,9 +947,10 @@ class FederationServer:
                       for cid, a in accepted.items()}
 
         record_kwargs: dict[str, Any] = {}
-        evaluate = rnd % int(self.run_cfg.eval_every) == 0 or rnd == rounds
+        last = rnd == rounds or self.privacy.is_last(rnd)  # the privacy budget can end the run early
+        evaluate = rnd % int(self.run_cfg.eval_every) == 0 or last
         if evaluate:
-            record_kwargs = await self._evaluate(rnd, stop=(rnd == rounds), per_client=per_client,
+            record_kwargs = await self._evaluate(rnd, stop=last, per_client=per_client,
                                                  participants=sorted(accepted))
         return RoundRecord(round_number=rnd, participants=tuple(sorted(accepted)), train_loss=train_loss,
                            seconds=time.monotonic() - t0, per_client=per_client, **record_kwargs)

@@ -314,3 +314,32 @@ class RoundRecord:
     # test splits, merged), "server+clients" (eval.on=both; the clients' figures are in extra
     # as clients_*), or "" on a round that was not evaluated
     evaluated_by: str = ""
+
+
+@dataclass(frozen=True)
+class PrivacyMechanism:
+    """The differentially private release a plugin makes each round, for the server's accountant.
+
+    Returned by an aggregator's ``fedplug_aggregator_privacy``.  ``kind``:
+    ``"central"`` -- Gaussian noise on the aggregate (DP-FedAvg; protects against
+    whoever sees the global model); ``"local"`` -- each client noises its own
+    update before sending it (protects against the server too).
+    ``noise_multiplier`` is the round's noise std divided by its L2 sensitivity
+    (the clip norm), the figure the accountant needs; ``sample_rate`` the
+    probability that a given client takes part in a round (``None``: the
+    server's ``privacy.sample_rate``).
+    """
+
+    kind: str
+    noise_multiplier: float
+    clip_norm: float | None = None
+    sample_rate: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("central", "local"):
+            raise ValueError(f"PrivacyMechanism.kind must be 'central' or 'local', got {self.kind!r}")
+        if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
+            raise ValueError(f"PrivacyMechanism.noise_multiplier must be a finite number >= 0, "
+                             f"got {self.noise_multiplier!r}")
+        if self.sample_rate is not None and not 0 < self.sample_rate <= 1:
+            raise ValueError(f"PrivacyMechanism.sample_rate must be in (0, 1], got {self.sample_rate!r}")

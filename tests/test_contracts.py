@@ -22,6 +22,13 @@ torch.set_num_threads(1)
 # does not give w; the suite checks the step's direction instead.
 SERVER_OPTIMISERS = {"fedadam", "fedyogi", "fedadagrad"}
 
+# Differential privacy adds noise and clips: the suite checks their plumbing with both turned off (no noise, a
+# clip norm no update reaches, the actual number of clients as denominator, integer buffers averaged);
+# tests/test_dp_mechanisms.py checks the noise and the clipping themselves.
+DP_AGGREGATORS = {"dp_fedavg", "dp_fedavg_adaptive", "ldp_fedavg"}
+DP_TRANSPARENT = {"noise_multiplier": 0.0, "clip_norm": 1e9, "initial_clip_norm": 1e9, "denominator": "actual",
+                  "integer_buffers": "mean", "noise_seed": 0}
+
 # Tiny variants so that the detector suite trains in seconds on the CPU.
 TINY_DETECTORS = {
     "frcnn": {"backbone": "tiny", "min_size": 96, "max_size": 96},
@@ -41,9 +48,18 @@ def _ids(names: list[str]) -> list:
     return names or [pytest.param("<none>", marks=pytest.mark.skip(reason="no built-in plugin of this role"))]
 
 
-@pytest.mark.parametrize("aggregator_name", _ids([n for n in builtin("aggregator") if n not in SERVER_OPTIMISERS]))
+@pytest.mark.parametrize("aggregator_name", _ids([n for n in builtin("aggregator")
+                                                  if n not in SERVER_OPTIMISERS | DP_AGGREGATORS]))
 class TestBuiltinAggregators(AggregatorContract):
     pass
+
+
+@pytest.mark.parametrize("aggregator_name", _ids([n for n in builtin("aggregator") if n in DP_AGGREGATORS]))
+class TestBuiltinDPAggregators(AggregatorContract):
+    @pytest.fixture
+    def aggregator_config(self, aggregator_name):
+        config = default_config("aggregator", aggregator_name)
+        return {**config, **{k: v for k, v in DP_TRANSPARENT.items() if k in config}}
 
 
 @pytest.mark.parametrize("aggregator_name", _ids([n for n in builtin("aggregator") if n in SERVER_OPTIMISERS]))

@@ -20,6 +20,7 @@ Suites, the name each is parametrized with, and the config fixture to override:
 * :class:`DetectorContract` -- ``detector_name``, ``detector_config`` (give a tiny variant)
 * :class:`ResourcePolicyContract` -- ``resource_policy_name``, ``resource_policy_config``
 * :class:`ObserverContract` -- ``observer_name``, ``observer_run_config``
+* :class:`CodecContract` -- ``codec_name``, ``codec_config`` (set ``lossless = True`` for an exact codec)
 
 Each suite also has a ``<role>_plugin`` fixture: override it to return a
 plugin object (a module, class instance...) to check one that is not
@@ -38,16 +39,19 @@ import pytest
 # already, so its submodules are named one by one (naming the package would warn).
 pytest.register_assert_rewrite(*(
     f"fedplug.testing.{module}"
-    for module in ("aggregator", "checks", "data", "detector", "loading", "observer", "plugin", "resource_policy")
+    for module in ("aggregator", "checks", "codec", "data", "detector", "loading", "observer", "plugin",
+                   "resource_policy")
 ))
 
 from fedplug.testing.aggregator import AggregatorContract  # noqa: E402
+from fedplug.testing.codec import CodecContract  # noqa: E402
 from fedplug.testing.detector import DetectorContract  # noqa: E402
 from fedplug.testing.observer import ObserverContract, simulate_run  # noqa: E402
 from fedplug.testing.resource_policy import ResourcePolicyContract  # noqa: E402
 
 __all__ = [
     "AggregatorContract",
+    "CodecContract",
     "DetectorContract",
     "ObserverContract",
     "ResourcePolicyContract",
