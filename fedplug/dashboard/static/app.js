@@ -246,7 +246,8 @@ const ROW_KEYS = new Set(["time", "event", "direction", "round", "client_id", "l
 
 function details(row) {
   return Object.entries(row).filter(([k]) => !ROW_KEYS.has(k))
-    .map(([k, v]) => `${k}=${typeof v === "object" ? JSON.stringify(v) : v}`).join(" ");
+    .map(([k, v]) => `${k}=${typeof v === "object" ? JSON.stringify(v)
+      : typeof v === "number" && !Number.isInteger(v) ? +v.toPrecision(4) : v}`).join(" ");
 }
 
 function renderEvents() {
