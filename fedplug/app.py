@@ -107,9 +107,16 @@ def run_client(cfg: Any) -> int:
     spec = OmegaConf.to_container(c.data, resolve=True)
     augment = OmegaConf.to_container(c.augment, resolve=True) if c.augment is not None else None
     try:
+        from fedplug.security import read_secret_file
+        from fedplug.tls import client_context_from
+
+        secret = read_secret_file(c.secret_file) if c.get("secret_file") else c.get("secret")
+        ssl_context = client_context_from(c, str(c.server_url))  # None for http://; bad files: a clear error
         client = FederationClient(str(c.server_url), c.client_id, spec, device=str(c.device), token=c.token,
                                   augment=augment, reconnect_attempts=int(c.reconnect_attempts),
-                                  max_message_mb=float(cfg.server.max_message_mb))
+                                  max_message_mb=float(cfg.server.max_message_mb),
+                                  secret=str(secret) if secret else None, ssl_context=ssl_context,
+                                  client_cert=bool(c.get("ssl_certfile")))
     except ValueError as exc:
         echo(f"config error: {exc}")
         return 2
@@ -134,7 +141,7 @@ async def run_server(cfg: Any, embedded: bool) -> int:
         echo(busy)
         return 2
     from fedplug.data.errors import DatasetError
-    from fedplug.launcher import ClientProcesses, client_command
+    from fedplug.launcher import ClientProcesses, client_command, hydra_literal
     from fedplug.plugins import activate
     from fedplug.server import FederationServer, RunFailed
 
@@ -203,7 +210,7 @@ async def run_server(cfg: Any, embedded: bool) -> int:
         await server.stop()
         echo(listen_error(str(cfg.server.host), int(cfg.server.port), exc))
         return 2
-    url = f"http://{cfg.server.host}:{port}"
+    url = f"{server.url_scheme}://{cfg.server.host}:{port}"
     echo(f"fedplug server on {url}  model={cfg.model.name} ({server.num_parameters:,} parameters) "
          f"aggregator={cfg.aggregator.name} resource_policy={cfg.resource_policy.name}  classes={list(class_names)}")
     if server.held_out is not None:
@@ -219,6 +226,9 @@ async def run_server(cfg: Any, embedded: bool) -> int:
             threads = _threads(cfg, n)
             augment = data_cfg.get("augment")
             passthrough = [o for o in HydraConfig.get().overrides.hydra if o.startswith("hydra.searchpath")]
+            # the local clients verify this server's certificate (and present theirs) as configured
+            passthrough += [f"client.{key}={hydra_literal(str(cfg.client[key]))}"
+                            for key in ("ca_file", "ssl_certfile", "ssl_keyfile") if cfg.client.get(key)]
             names = list(getattr(federation, "client_names", None) or [f"client_{i + 1}" for i in range(n)])
             commands = {
                 names[i]: client_command(url, names[i], spec, run_dir, threads, augment,

@@ -25,6 +25,7 @@ import socketio
 import torch
 
 from fedplug import protocol as P
+from fedplug import tls
 from fedplug import transfer
 from fedplug.plugins import activate
 from fedplug.evaluation import eval_settings_from
@@ -77,7 +78,14 @@ class FederationClient:
     Exit statuses: 0 the run finished; 2 this site cannot take part (setup failed);
     3 the server was never reached; 4 the server was lost and did not come back
     within ``reconnect_timeout_s``; 5 the embedded server that started this
-    process is gone.
+    process is gone; 6 the server refused this client's credentials, or TLS is
+    set up wrong (the message says which: scheme, certificate, hostname, client
+    certificate) — retrying cannot help.
+
+    ``secret`` is this site's own secret (per-site credentials), ``token`` the
+    shared one; ``ssl_context`` (:func:`fedplug.tls.client_context`) is used for
+    an ``https://`` server, presenting a client certificate when
+    ``client_cert`` says it holds one.
     """
 
     def __init__(self, server_url: str, client_id: str | None, data_spec: Mapping[str, Any],
@@ -85,13 +93,18 @@ class FederationClient:
                  reconnect_attempts: int = 0, max_message_mb: float = 1024, echo=print,
                  reconnect_timeout_s: float = 86400.0, reconnect_delay_max_s: float = 30.0,
                  call_timeout_s: float = 120.0, protocol_version: int = P.PROTOCOL_VERSION,
-                 parent_pid: int | None = None):
+                 parent_pid: int | None = None, secret: str | None = None, ssl_context: Any = None,
+                 client_cert: bool = False):
         self.server_url = server_url
         self.client_id = client_id or f"{socket.gethostname()}-{os.getpid()}"
         self.data_spec = dict(data_spec)
         self.augment = dict(augment) if augment else None
         self.device = resolve_device(device)
         self.token = token
+        self.secret = secret
+        self.ssl_context = ssl_context
+        self.client_cert = client_cert
+        self._refused: str | None = None  # the server's reason when it refused the last connect
         self.echo = echo
         max_bytes = int(max_message_mb * 1024 * 1024)
         self.max_bytes = max_bytes
@@ -103,8 +116,11 @@ class FederationClient:
         self.call_timeout_s = float(call_timeout_s)
         self.protocol_version = int(protocol_version)
         self.parent_pid = parent_pid
+        ws_options: dict[str, Any] = {"max_msg_size": max_bytes}
+        if ssl_context is not None:
+            ws_options["ssl"] = ssl_context  # aiohttp's ws_connect: verify the server, present our certificate
         self.sio = socketio.AsyncClient(reconnection=False, logger=False, engineio_logger=False,
-                                        websocket_extra_options={"max_msg_size": max_bytes})
+                                        websocket_extra_options=ws_options)
         self._last_rx = time.monotonic()  # last packet of any kind (heartbeats included) from the server
         self._watch_heartbeats()
         self.joined = asyncio.Event()  # connected and greeted (init handled): answers may be sent
@@ -257,8 +273,14 @@ class FederationClient:
             self._link_lost = asyncio.Event()
             await sio.emit(P.CLIENT_WAKE_UP, {
                 "client_id": self.client_id, "protocol_version": self.protocol_version,
-                "token": self.token, "info": {"device": self.device, "host": socket.gethostname()},
+                "info": {"device": self.device, "host": socket.gethostname()[:200]},
             })
+
+        @sio.event
+        async def connect_error(data=None):
+            # the server's refusal arrives as {"message": reason}; a transport failure as a bare string
+            if isinstance(data, dict) and data.get("message"):
+                self._refused = str(data["message"])[:300]
 
         @sio.event
         async def disconnect(*args):
@@ -521,6 +543,27 @@ class FederationClient:
 
     # ------------------------------------------------------------------ run
 
+    def auth_payload(self) -> dict[str, str]:
+        """The Socket.IO ``connect`` ``auth``: the site's id with its secret, or the shared token (docs/security.md)."""
+        auth = {"client_id": self.client_id}
+        if self.secret:
+            auth["secret"] = self.secret
+        elif self.token:
+            auth["token"] = str(self.token)
+        return auth
+
+    async def _hopeless(self, failures: int) -> str | None:
+        """Why connecting cannot succeed by trying again: credentials refused, or TLS set up wrong; else None."""
+        refused = self._refused
+        if refused is not None and "too many failed" not in refused:  # a lock-out ends by itself: keep trying
+            return f"the server refused this client: {refused}"
+        if failures == 1 or failures % 10 == 0:  # one TLS probe per streak of failures, not one per retry
+            why = await asyncio.get_running_loop().run_in_executor(
+                None, tls.diagnose, self.server_url, self.ssl_context, 5.0, self.client_cert)
+            if why is not None:
+                return why
+        return None
+
     async def run(self) -> int:
         """Connect, and reconnect with capped exponential back-off and jitter until the run ends.
 
@@ -552,9 +595,16 @@ class FederationClient:
                         self.exit_status = self.exit_status or 3
                     break
                 try:
-                    await self.sio.connect(self.server_url, transports=["websocket"], wait_timeout=10)
+                    self._refused = None
+                    await self.sio.connect(self.server_url, auth=self.auth_payload(), transports=["websocket"],
+                                           wait_timeout=10)
                 except (socketio.exceptions.ConnectionError, OSError, asyncio.TimeoutError) as exc:
                     failures += 1
+                    refusal = await self._hopeless(failures)
+                    if refusal is not None:
+                        self.echo(f"[{self.client_id}] cannot connect to {self.server_url}: {refusal}")
+                        self.exit_status = self.exit_status or 6
+                        break
                     delay = min(self.reconnect_delay_max_s, 0.5 * 2 ** min(failures, 16)) * random.uniform(0.5, 1.0)
                     log.info("connecting to %s failed (%s); next try in %.1fs", self.server_url, exc, delay)
                     await asyncio.wait([waiter], timeout=delay)

@@ -113,12 +113,40 @@ def validate(cfg: Any) -> None:
     if evaluators not in ("all", "round") and not (evaluators.isdigit() and int(evaluators) >= 1):
         raise ConfigError(f"eval.clients must be all, round or a number of clients >= 1, got {evaluators!r}")
     _check_views(cfg)
+    _check_security(cfg, mode)
     for group in ("aggregator", "model", "resource_policy"):
         if not isinstance(_get(cfg, f"{group}.name"), str):
             raise ConfigError(f"{group}.name must be a plugin name (see `fedplug plugins`)")
     if mode == "client" and not _get(cfg, "client.data.path"):
         raise ConfigError("client.data.path is not set: point it at this client's dataset, "
                           "e.g. client.data.path=/data/site1 (a Pascal-VOC folder)")
+
+
+def _check_security(cfg: Any, mode: str) -> None:
+    """Who may connect, TLS and the limits on peers (docs/security.md); TLS files are read at start-up."""
+    server, client = _get(cfg, "server"), _get(cfg, "client")
+    if server.get("credentials_file") and server.get("token"):
+        raise ConfigError("set server.credentials_file (per-site secrets) or server.token (one shared secret), "
+                          "not both")
+    if mode == "embedded" and server.get("credentials_file"):
+        raise ConfigError("server.credentials_file holds the secrets of sites on other hosts; mode=embedded starts "
+                          "its own clients, which do not know them: use server.token, or mode=server")
+    if client.get("secret") and client.get("secret_file"):
+        raise ConfigError("set client.secret or client.secret_file, not both")
+    _choice(cfg, "server.ssl_client_certs", ("none", "optional", "required"))
+    _number(cfg, "server.handshake_timeout_s", 0.0, open_low=True)
+    _int(cfg, "server.max_connections_per_address", 1)
+    _int(cfg, "server.max_connections", 1)
+    _int(cfg, "server.max_clients", 1)
+    _int(cfg, "server.auth_max_failures", 1)
+    _number(cfg, "server.auth_lockout_s", 0.0)
+    examples = _int(cfg, "server.max_client_examples", 1)
+    if examples > 10**9:
+        raise ConfigError(f"server.max_client_examples must be <= 1000000000 (the protocol's bound), got {examples}")
+    if mode == "embedded" and _get(cfg, "server.max_connections_per_address") < _get(cfg, "run.num_clients"):
+        raise ConfigError(f"server.max_connections_per_address ({_get(cfg, 'server.max_connections_per_address')}) "
+                          f"is below run.num_clients ({_get(cfg, 'run.num_clients')}): mode=embedded connects them "
+                          "all from 127.0.0.1")
 
 
 def _bool(cfg: Any, key: str) -> bool:

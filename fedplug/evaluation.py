@@ -108,25 +108,42 @@ class HeldOutEvaluator:
         return entry_from_result(result, f"detector {self.detector!r} on the server's held-out set")
 
 
-def _merge(entries: Sequence[Mapping[str, Any]], use_07_metric: bool) -> dict[str, Any]:
-    """Weighted test loss and the exact mAP/recall over the union of the entries' test sets."""
+def _merge(entries: Sequence[Mapping[str, Any]], use_07_metric: bool, trusted: bool = False) -> dict[str, Any]:
+    """Weighted test loss and the exact mAP/recall over the union of the entries' test sets.
+
+    Only entries with statistics make the mAP and recall: a client's own figure
+    without them cannot be checked, so it never sets the round's mAP (one client
+    claiming mAP 1.0 would otherwise pick the best checkpoint).  Such claims are
+    reported beside it as ``claimed_map50`` / ``claimed_recall`` / ``claimed_images``.
+    ``trusted`` (the server's own held-out evaluation) may use its figures as they are.
+    """
     from fedplug import metrics
 
     total = sum(e["test_size"] for e in entries) or 1
     out: dict[str, Any] = {"test_loss": sum(e["test_loss"] * e["test_size"] for e in entries) / total}
-    all_stats = [e["stats"] for e in entries]
-    if all(s is not None for s in all_stats):
-        merged = all_stats[0]
-        for s in all_stats[1:]:
-            merged = merged.merge(s)
+    exact = [e for e in entries if e["stats"] is not None]
+    claims = [e for e in entries if e["stats"] is None]
+    if exact:
+        merged = exact[0]["stats"]
+        for e in exact[1:]:
+            merged = merged.merge(e["stats"])
         summary = metrics.summarize(merged, use_07_metric=use_07_metric)
         out.update(map50=float(summary["map50"]), recall=float(summary["recall"]), map_exact=1.0)
         if summary.get("coco_map") is not None and math.isfinite(summary["coco_map"]):
             out["coco_map"] = float(summary["coco_map"])
-    else:  # an evaluator without statistics: the test-size-weighted mean, flagged as not exact
+        out["images"] = float(sum(e["test_size"] for e in exact))
+    elif trusted:  # the server's own evaluation without statistics: its figures, flagged as not exact
         out.update(map50=sum(e["map50"] * e["test_size"] for e in entries) / total,
-                   recall=sum(e["recall"] * e["test_size"] for e in entries) / total, map_exact=0.0)
-    out["images"] = float(sum(e["test_size"] for e in entries))
+                   recall=sum(e["recall"] * e["test_size"] for e in entries) / total, map_exact=0.0,
+                   images=float(sum(e["test_size"] for e in entries)))
+        claims = []
+    else:
+        out.update(map50=None, recall=None, map_exact=0.0, images=0.0)
+    if claims:
+        claimed = sum(e["test_size"] for e in claims) or 1
+        out.update(claimed_map50=sum(e["map50"] * e["test_size"] for e in claims) / claimed,
+                   claimed_recall=sum(e["recall"] * e["test_size"] for e in claims) / claimed,
+                   claimed_images=float(sum(e["test_size"] for e in claims)), claimed_clients=float(len(claims)))
     return out
 
 
@@ -145,7 +162,7 @@ def round_metrics(place: str, server_entry: Mapping[str, Any] | None, client_ent
         per_client.setdefault(cid, {}).update({"test_loss": e["test_loss"], "map50": e["map50"],
                                                "recall": e["recall"], "test_size": float(e["test_size"])})
     clients = _merge(list(client_entries.values()), use_07_metric) if client_entries else None
-    server = _merge([server_entry], use_07_metric) if server_entry is not None else None
+    server = _merge([server_entry], use_07_metric, trusted=True) if server_entry is not None else None
     primary = server if server is not None else clients
     if primary is None:
         return {"evaluated_by": ""}
@@ -153,13 +170,16 @@ def round_metrics(place: str, server_entry: Mapping[str, Any] | None, client_ent
                                "evaluators": float(len(client_entries))}
     if "coco_map" in primary:
         extra["coco_map"] = primary["coco_map"]
+    for key in ("claimed_map50", "claimed_recall", "claimed_images", "claimed_clients"):
+        if clients is not None and key in clients:  # clients' own figures without statistics: reported, not merged
+            extra[key] = clients[key]
     if server is None:  # the clients' figures are the round's: say how much of their test data they cover
         extra["eval_coverage"] = primary["images"] / expected_client_images if expected_client_images else 1.0
     else:
         extra["eval_coverage"] = 1.0
         if clients is not None:
             for key in ("test_loss", "map50", "recall", "coco_map", "images"):
-                if key in clients:
+                if clients.get(key) is not None:
                     extra[f"clients_{key}"] = clients[key]
             extra["clients_coverage"] = (clients["images"] / expected_client_images
                                          if expected_client_images else 1.0)

@@ -8,8 +8,7 @@ server or client acts on it; a message that fails is answered with
 
 from __future__ import annotations
 
-import math
-from typing import Any, Mapping
+from typing import Any
 
 PROTOCOL_VERSION = 2  # the newest this code speaks
 SUPPORTED_VERSIONS = (1, 2)  # 1: weights inline in one message; 2: chunked, resumable (fedplug/transfer.py)
@@ -114,81 +113,14 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
 }
 
 
-def _kind_ok(kind: str, value: Any) -> bool:
-    if kind == _INT:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind == _NUM:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind == _STR:
-        return isinstance(value, str)
-    if kind == _BOOL:
-        return isinstance(value, bool)
-    if kind == _BYTES:
-        return isinstance(value, (bytes, bytearray))
-    if kind == _DICT:
-        return isinstance(value, dict)
-    if kind == _LIST:
-        return isinstance(value, list)
-    raise AssertionError(kind)
-
-
-def _metrics(event: str, metrics: Mapping) -> dict[str, float]:
-    """A client's numeric training metrics: bounded in count and name length, finite numbers only."""
-    if len(metrics) > MAX_METRICS:
-        raise ProtocolError(f"{event}: metrics may hold at most {MAX_METRICS} entries, got {len(metrics)}")
-    out = {}
-    for key, value in metrics.items():
-        if not isinstance(key, str) or not 0 < len(key) <= MAX_METRIC_NAME or not key.isprintable():
-            raise ProtocolError(f"{event}: metric names must be 1-{MAX_METRIC_NAME} printable characters")
-        if not _kind_ok(_NUM, value) or not math.isfinite(float(value)):
-            raise ProtocolError(f"{event}: metric {key!r} must be a finite number, got {value!r}")
-        out[key] = float(value)
-    return out
-
-
 def parse(event: str, data: Any) -> dict[str, Any]:
-    """Validate a client -> server message against its schema; return it as a dict.
+    """Validate a client -> server message; return its known fields as a dict.
 
-    Raises :class:`ProtocolError` naming the first problem found.
+    The schemas themselves, strict and bounded, are :mod:`fedplug.schemas`
+    (pydantic); ``SCHEMAS`` above lists each event's fields for readers and
+    for the test that keeps the two in step.  Raises :class:`ProtocolError`
+    naming the first problem found.
     """
-    schema = SCHEMAS.get(event)
-    if schema is None:
-        raise ProtocolError(f"unknown event {event!r}")
-    if not isinstance(data, Mapping):
-        raise ProtocolError(f"{event}: payload must be an object, got {type(data).__name__}")
-    for field, (kind, required) in schema.items():
-        if field not in data or data[field] is None:
-            if required:
-                raise ProtocolError(f"{event}: missing field {field!r} ({kind})")
-            continue
-        if not _kind_ok(kind, data[field]):
-            raise ProtocolError(
-                f"{event}: field {field!r} must be {kind}, got {type(data[field]).__name__}"
-            )
-        if kind == _NUM and not math.isfinite(float(data[field])):
-            raise ProtocolError(f"{event}: field {field!r} must be finite, got {data[field]!r}")
-    out = dict(data)
-    if "client_id" in schema and "client_id" in out:
-        cid = out["client_id"]
-        if not cid or len(cid) > MAX_CLIENT_ID_LEN or not cid.isprintable():
-            raise ProtocolError(
-                f"{event}: client_id must be 1-{MAX_CLIENT_ID_LEN} printable characters"
-            )
-    for field in ("round_number", "num_train", "num_test", "train_size", "test_size", "index", "size"):
-        if field in out and out[field] is not None and out[field] < 0:
-            raise ProtocolError(f"{event}: field {field!r} must not be negative")
-    if event == CHECK_CLIENT_RESOURCE_DONE and not 0.0 <= float(out["load_rate"]) <= 1.0:
-        raise ProtocolError(f"{event}: load_rate must be within [0, 1], got {out['load_rate']!r}")
-    if event == CLIENT_UPDATE and out["ok"] and not out.get("weights") and not out.get("weights_ref"):
-        raise ProtocolError(f"{event}: ok=true requires binary 'weights' (v1) or 'weights_ref' (v2)")
-    if event == CLIENT_UPDATE and out.get("weights") and out.get("weights_ref"):
-        raise ProtocolError(f"{event}: send either 'weights' or 'weights_ref', not both")
-    if event == CLIENT_UPDATE and out.get("metrics") is not None:
-        out["metrics"] = _metrics(event, out["metrics"])
-    if isinstance(out.get("reason"), str) and len(out["reason"]) > MAX_REASON_LEN:
-        out["reason"] = out["reason"][:MAX_REASON_LEN] + " [...]"
-    if event == CLIENT_EVAL and out["ok"]:
-        for field in ("test_map", "test_recall"):
-            if not 0.0 <= float(out[field]) <= 1.0:
-                raise ProtocolError(f"{event}: {field} must be within [0, 1], got {out[field]!r}")
-    return out
+    from fedplug import schemas  # schemas imports this module for the event names
+
+    return schemas.parse(event, data)

@@ -136,6 +136,16 @@ class GuardedServer(socketio.AsyncServer):
         if close:
             await self._close(eio_sid, reason)
 
+    async def close_session(self, sid: str, reason: str) -> None:
+        """Close a Socket.IO session and its transport (e.g. a site's half-open connection it took over)."""
+        try:
+            eio_sid = self.manager.eio_sid_from_sid(sid, "/")
+        except Exception:
+            eio_sid = None
+        if eio_sid is None:
+            return
+        await self._close(eio_sid, reason)
+
     async def _close(self, eio_sid: str, reason: str) -> None:
         log.warning("closing the connection of %s (%s): %s", self._sid_of(eio_sid) or eio_sid,
                     self.remote_of(eio_sid), _short(reason))
