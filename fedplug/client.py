@@ -27,11 +27,12 @@ import torch
 from fedplug import protocol as P
 from fedplug import tls
 from fedplug import transfer
+from fedplug.codecs import ActiveCodec, open_codec
 from fedplug.plugins import activate
 from fedplug.evaluation import eval_settings_from
 from fedplug.types import EvalResult, ResourceReport, TrainResult, TrainSettings
 from fedplug.update_filter import apply_update_filter
-from fedplug.wire import WireError, decode_checked, encode_state, spec_of
+from fedplug.wire import WireError, decode_checked, spec_of
 
 log = logging.getLogger("fedplug.client")
 
@@ -143,6 +144,8 @@ class FederationClient:
         self._weights_cache: tuple[str, bytes] | None = None  # (sha256, bytes) of the last download
         # how this client finds the detector and policy the server names; tests put in-process plugins here
         self.activate_plugins = activate
+        self.open_codec = open_codec  # how this client loads the codec named in init.codec
+        self.codec: ActiveCodec | None = None  # encodes each round's update (init.codec; none by default)
         self._register_handlers()
 
     # ------------------------------------------------------------------ connection
@@ -362,6 +365,7 @@ class FederationClient:
 
     async def _offload_setup(self, data: dict) -> tuple[int, int]:
         try:
+            self._use_codec(data.get("codec") if isinstance(data, dict) else None)
             if self.init_config is not None and self._same_setup(data):
                 return len(self.data.train), len(self.data.test)
             return await self._offload(self._setup, data)
@@ -371,6 +375,12 @@ class FederationClient:
             self.exit_status = 2
             self.done.set()
             return -1, -1
+
+    def _use_codec(self, config: Any) -> ActiveCodec:
+        """The codec ``init.codec`` names (``None``: the plain ``none``), loaded once and kept while it is the same."""
+        if self.codec is None or self.codec.config != (config or {"name": "none"}):
+            self.codec = self.open_codec(config)
+        return self.codec
 
     def _same_setup(self, message: dict) -> bool:
         return self.init_config == {"model": message.get("model"), "policy": message.get("resource_policy"),
@@ -413,7 +423,7 @@ class FederationClient:
                 reason = result.reason or f"non-finite training loss {loss}"
                 return {"round_number": rnd, "ok": False, "train_size": 0, "train_loss": 0.0, "reason": reason}
             result = apply_update_filter(result, global_state, ts)  # what the aggregator asked for (clip, DP noise)
-            weights = encode_state(result.weights)
+            weights = (self.codec or self._use_codec(None)).encode(result.weights, global_state)
         except (HookFailed, WireError, AttributeError, TypeError, ValueError) as exc:  # a failed round, not a dead client
             log.exception("round %d: training failed", rnd)
             return {"round_number": rnd, "ok": False, "train_size": 0, "train_loss": 0.0,
