@@ -42,8 +42,8 @@ def _stop(line: str) -> None:
     sys.exit(EXIT_STARTUP)
 
 
-def check_run_dir(run_dir: Path, log_file: Path | None) -> str | None:
-    """Create ``run_dir`` (as Hydra would) and open ``log_file`` for appending; the problem, or None."""
+def check_run_dir(run_dir: Path, files: list[Path]) -> str | None:
+    """Create ``run_dir`` and open each of ``files`` for appending, as Hydra is about to; the problem, or None."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -51,9 +51,7 @@ def check_run_dir(run_dir: Path, log_file: Path | None) -> str | None:
                 "choose a writable place with hydra.run.dir=<dir>")
     if not run_dir.is_dir():
         return f"cannot start: the run directory {run_dir} is a file; choose another with hydra.run.dir=<dir>"
-    for path in [log_file, run_dir / ".hydra" / "config.yaml"]:
-        if path is None:
-            continue
+    for path in files:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a", encoding="utf-8"):
@@ -76,10 +74,28 @@ class RunDirCheck(Callback):
         run_dir = Path(os.path.abspath(str(OmegaConf.select(config, "hydra.run.dir"))))
         with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
             config.hydra.runtime.output_dir = str(run_dir)
+        # the files Hydra writes there next: the job's log, and .hydra/config.yaml (unless output_subdir=null)
+        files = []
         log_file = OmegaConf.select(config, "hydra.job_logging.handlers.file.filename", default=None)
-        problem = check_run_dir(run_dir, Path(str(log_file)) if log_file else None)
+        if log_file:
+            files.append(Path(str(log_file)))
+        subdir = OmegaConf.select(config, "hydra.output_subdir", default=None)
+        if subdir is not None:
+            files.append(run_dir / str(subdir) / "config.yaml")
+        problem = check_run_dir(run_dir, files)
         if problem:
             _stop(problem)
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        """``-m``: the sweep directory holds every job's run directory, so it must be creatable first."""
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import OmegaConf
+
+        HydraConfig.instance().set_config(config)
+        sweep_dir = Path(os.path.abspath(str(OmegaConf.select(config, "hydra.sweep.dir"))))
+        problem = check_run_dir(sweep_dir, [sweep_dir / "multirun.yaml"])  # Hydra's first file there
+        if problem:
+            _stop(problem.replace("run directory", "sweep directory").replace("hydra.run.dir", "hydra.sweep.dir"))
 
 
 def check_port(host: str, port: int) -> str | None:

@@ -103,6 +103,13 @@ def test_run_dir_below_a_file(tmp_path):
               "hydra.run.dir=")
 
 
+def test_multirun_sweep_dir_below_a_file(tmp_path):
+    (tmp_path / "afile").write_text("")
+    proc = _fedplug("-m", "mode=plugins", f"hydra.sweep.dir={tmp_path / 'afile' / 'sweep'}", cwd=tmp_path)
+    _one_line(proc, f"the sweep directory {tmp_path / 'afile' / 'sweep'} cannot be created (Not a directory)",
+              "hydra.sweep.dir=")
+
+
 def test_run_dir_without_permission(tmp_path):
     nobody = _restricted(tmp_path)
     locked = tmp_path / "locked"
