@@ -140,6 +140,14 @@ async def run_server(cfg: Any, embedded: bool) -> int:
     if busy:
         echo(busy)
         return 2
+    from fedplug.launchers import launcher_name
+
+    if embedded and launcher_name(cfg) == "ray":  # before seconds of data preparation
+        from fedplug.launchers.ray import ray_missing
+
+        if ray_missing():
+            echo(ray_missing())
+            return 2
     from fedplug.data.errors import DatasetError
     from fedplug.launcher import ClientProcesses, client_command, hydra_literal
     from fedplug.plugins import activate
@@ -220,8 +228,22 @@ async def run_server(cfg: Any, embedded: bool) -> int:
     clients = ClientProcesses()
     watcher = None
     died: dict[str, int] = {}  # local client processes that exited with an error while the run went on
+    ray_clients = None
+    if embedded and launcher_name(cfg) == "ray":  # the clients are Ray actors (fedplug/launchers/ray.py)
+        from fedplug.launchers.ray import LaunchError, RayClients
+
+        n = int(cfg.run.num_clients)
+        names = list(getattr(federation, "client_names", None) or [f"client_{i + 1}" for i in range(n)])
+        ray_clients = RayClients(cfg, dict(zip(names, federation.client_specs[:n])), run_dir, echo,
+                                 data_cfg.get("augment"))
     try:
-        if embedded:
+        if ray_clients is not None:
+            try:
+                await ray_clients.start(server, url)
+            except LaunchError as exc:
+                echo(f"cannot start: {exc}")
+                return 2
+        elif embedded:
             n = int(cfg.run.num_clients)
             threads = _threads(cfg, n)
             augment = data_cfg.get("augment")
@@ -246,7 +268,9 @@ async def run_server(cfg: Any, embedded: bool) -> int:
         view.close()
         await server.stop()
         run_lock.release()
-        if embedded:
+        if ray_clients is not None:
+            died.update(await ray_clients.stop())
+        elif embedded:
             codes = clients.stop()
             bad = {cid: code for cid, code in codes.items() if code not in (0, None)}
             if bad:

@@ -114,6 +114,10 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"eval.clients must be all, round or a number of clients >= 1, got {evaluators!r}")
     _check_views(cfg)
     _check_security(cfg, mode)
+    if mode == "embedded":
+        from fedplug.launchers import check_launcher_config
+
+        check_launcher_config(cfg)  # launcher=local | ray and its keys (conf/launcher/)
     for group in ("aggregator", "model", "resource_policy"):
         if not isinstance(_get(cfg, f"{group}.name"), str):
             raise ConfigError(f"{group}.name must be a plugin name (see `fedplug plugins`)")

@@ -775,11 +775,11 @@ class FederationServer:
 
     async def wait_for_clients(self, needed: int, timeout: float, purpose: str = "") -> None:
         """Wait until ``needed`` clients are ready; ``purpose`` says what for, in the failure message."""
-        if self.pool_of_clients is not None:  # its clients start when a round selects them (fedplug/pool.py)
+        if self.pool_of_clients is not None:  # it registers clients and starts them itself (fedplug/pool.py)
             if len(self.pool_of_clients.client_ids()) < needed:
                 raise RunFailed(f"only {len(self.pool_of_clients.client_ids())} client(s) can be started, "
                                 f"{needed} are needed ({purpose or f'run.min_clients={needed}'})")
-            return
+            needed = min(needed, self.pool_of_clients.capacity)  # the launcher starts that many at once
         deadline = time.monotonic() + timeout
         while len(self.ready_clients()) < needed:
             if self._abort_reason:
