@@ -203,13 +203,6 @@ def _client_table(run: RunData) -> str:
     live = replay(run.events, max_events=1)
     ids = sorted(set(live.clients) | {cid for r in run.rounds for cid in r["per_client"]})
     rejections = collections.Counter(e.get("client_id") for e in run.events if e.get("event") in REJECTION_EVENTS)
-    finished: set[str] = set()
-    drops: collections.Counter = collections.Counter()
-    for e in run.events:
-        if e.get("event") == "run_finished":
-            finished.add(e.get("client_id"))
-        elif e.get("event") == "disconnect" and e.get("client_id") and e.get("client_id") not in finished:
-            drops[e["client_id"]] += 1
     rows = []
     for cid in ids:
         state = live.clients.get(cid)
@@ -219,11 +212,11 @@ def _client_table(run: RunData) -> str:
                          if "map50" in r["per_client"].get(cid, {})), None)
         images = "–" if state is None or state.num_train is None else f"{state.num_train} / {state.num_test}"
         rows.append([escape(cid), str(took_part), escape(images), _num(last.get("train_loss")), _num(last_map),
-                     _bytes(state.bytes_up if state else 0), str(drops[cid]),
+                     _bytes(state.bytes_up if state else 0), str(state.drops if state else 0),
                      f'<span class="bad">{rejections[cid]}</span>' if rejections[cid] else "0",
                      escape(state.state if state else "–")])
     return _table(["client", "rounds taken part", "images train / test", "last train loss", "last mAP@0.5",
-                   "updates sent", "disconnects", "rejections", "last state"], rows,
+                   "updates sent", "dropped", "rejections", "last state"], rows,
                   [False, True, True, True, True, True, True, True, False])
 
 
@@ -266,7 +259,6 @@ def render_report(run: RunData) -> str:
     total_s = sum(r["seconds"] or 0.0 for r in rounds)
     done = rounds[-1]["round"] if rounds else 0
     outcome = f"{done} of {planned} rounds" if planned else f"{done} rounds"
-    finished = any(e.get("event") == "run_finished" for e in run.events)
     cards = [("rounds done", outcome), ("best round", best["round"] if best["round"] is not None else "–"),
              ("best mAP@0.5", _num(best["map50"])), ("time in rounds", f"{total_s:.1f} s"),
              ("clients", str(len({c for r in rounds for c in r["participants"]})))]
@@ -286,8 +278,9 @@ def render_report(run: RunData) -> str:
     skipped = f'<p class="bad">{run.skipped_lines} unreadable line(s) in metrics.jsonl / events.jsonl were ' \
               "skipped (a write cut short by a crash).</p>" if run.skipped_lines else ""
     checkpoint = f"<p>Best checkpoint: <code>{escape(best['checkpoint'])}</code></p>" if best["checkpoint"] else ""
-    ended = "" if finished else '<p class="bad">The event log has no run_finished: the server did not end ' \
-                                "this run normally (crash, kill, or still running).</p>"
+    ended = "" if planned is None or done >= planned else \
+        f'<p class="bad">The run stopped after round {done} of {planned}: early stopping (run.patience), a failure, ' \
+        "a kill, or it is still running; its app.log says which.</p>"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>fedplug report · {escape(run.run_dir.name)}</title>
 <style>{CSS}</style></head>

@@ -16,7 +16,7 @@ from typing import Sequence
 PALETTE = ("#2f6fde", "#d9480f", "#2b8a3e", "#9c36b5", "#e8590c", "#1098ad", "#c2255c", "#5c940d",
            "#364fc7", "#a61e4d")
 W, H = 560, 300
-LEFT, RIGHT, TOP, BOTTOM = 52, 12, 34, 34
+LEFT, RIGHT, TOP, BOTTOM = 52, 12, 56, 34  # the title, then the legend, above the plot
 
 
 @dataclass
@@ -69,10 +69,10 @@ def line_chart(series: Sequence[Series], title: str, y_label: str, x_max: int | 
     out.append(f'<line class="axis" x1="{LEFT}" x2="{W - RIGHT}" y1="{H - BOTTOM}" y2="{H - BOTTOM}"/>')
     out.append(f'<line class="axis" x1="{LEFT}" x2="{LEFT}" y1="{TOP}" y2="{H - BOTTOM}"/>')
     out.append(f'<text x="{(LEFT + W - RIGHT) / 2}" y="{H - 4}" text-anchor="middle">round</text>')
-    out.append(f'<text x="8" y="{TOP - 6}">{escape(y_label)}</text>')
+    out.append(f'<text x="8" y="{TOP - 8}">{escape(y_label)}</text>')
     if not drawn:
         out.append(f'<text x="{W / 2}" y="{H / 2}" text-anchor="middle" class="empty">no data</text>')
-    legend_x = LEFT + 8 * len(title) + 16
+    legend_x, legend_y = LEFT, 32
     for s in series:
         d = " ".join(f"{'L' if i else 'M'}{px(x):.1f},{py(v):.1f}" for i, (x, v) in enumerate(s.points))
         dash = f' stroke-dasharray="{s.dash}"' if s.dash else ""
@@ -83,8 +83,11 @@ def line_chart(series: Sequence[Series], title: str, y_label: str, x_max: int | 
             for x, v in s.points:
                 out.append(f'<circle cx="{px(x):.1f}" cy="{py(v):.1f}" r="3" fill="{s.color}">'
                            f'<title>{escape(s.name)}, round {x:g}: {v:.4f}</title></circle>')
-            out.append(f'<rect x="{legend_x}" y="5" width="10" height="10" fill="{s.color}"/>')
-            out.append(f'<text x="{legend_x + 14}" y="14">{escape(s.name)}</text>')
-            legend_x += 24 + 7 * len(s.name)
+            width = 24 + 7 * len(s.name)
+            if legend_x + width > W - RIGHT and legend_x > LEFT:  # next legend line
+                legend_x, legend_y = LEFT, legend_y + 12
+            out.append(f'<rect x="{legend_x}" y="{legend_y - 9}" width="10" height="10" fill="{s.color}"/>')
+            out.append(f'<text x="{legend_x + 14}" y="{legend_y}">{escape(s.name)}</text>')
+            legend_x += width
     out.append("</svg>")
     return "\n".join(out)

@@ -17,8 +17,9 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _scripted_run(run_dir, aggregator="fedavg", behaviours=None, rounds=3):
-    cfg = compose_cfg(f"run.rounds={rounds}", "run.min_clients=2", "run.clients_per_round=2", "run.num_clients=2",
-                      f"aggregator={aggregator}", "client.token=hunter2")
+    n = len(behaviours or "ab")
+    cfg = compose_cfg(f"run.rounds={rounds}", f"run.min_clients={n}", f"run.clients_per_round={n}",
+                      f"run.num_clients={n}", f"aggregator={aggregator}", "client.token=hunter2")
     status, server, _ = asyncio.run(run_scripted_federation(
         cfg, run_dir, behaviours or {"a": "good", "b": "good"}, plugins=toy_plugins(aggregator=aggregator),
         a={"train_size": 10}, b={"train_size": 30}))
@@ -133,3 +134,20 @@ def test_hydra_multirun_gives_each_job_its_own_run_dir_and_compare_reads_them(tm
                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert cli.returncode == 0, cli.stdout + cli.stderr
     assert "2 runs (aggregator=fedavg, aggregator=fedprox)" in cli.stdout and out.read_bytes()[:8] == PNG
+
+
+def test_the_report_counts_a_client_that_dropped_and_says_a_run_stopped_short(tmp_path):
+    status, server = _scripted_run(tmp_path / "run", behaviours={"a": "good", "b": "good", "c": "die"}, rounds=2)
+    assert status == 0
+    html = render_report(load_run(tmp_path / "run"))
+    clients = html.split("<h2>Clients</h2>")[1].split("<h2>")[0]
+    row = re.search(r"<tr><td class=\"wrap\">c</td>(.*?)</tr>", clients).group(1)
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
+    assert cells[5] == "1" and cells[-1] == "dropped"  # dropped once, and never came back
+    row_a = re.findall(r"<td[^>]*>(.*?)</td>", re.search(r"<tr><td class=\"wrap\">a</td>(.*?)</tr>", clients).group(1))
+    assert row_a[5] == "0" and row_a[-1] == "finished"
+    assert "The run stopped after round" not in html
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().splitlines()[0] + "\n")  # as if it had stopped after round 1
+    assert "The run stopped after round 1 of 2" in render_report(load_run(tmp_path / "run"))
+

@@ -73,6 +73,7 @@ class ClientState:
     bytes_down: int = 0              # every model sent to it, as far as transfer progress told
     transfer: dict[str, Any] | None = None  # the transfer in flight: direction, bytes_done, bytes_total
     last_error: str | None = None
+    drops: int = 0                   # times it went away mid-run (killed, network lost)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -144,6 +145,8 @@ class LiveState:
             took = max(0.0, now - client.since)
             client.durations[client.state] = round(client.durations.get(client.state, 0.0) + took, 3)
         client.transfer = None  # a new state's transfer, if any, is reported after it
+        if target == "dropped" and client.state != "dropped":
+            client.drops += 1
         client.state, client.since, client.round = target, now, rnd
 
     def _transfer(self, cid: str, row: Mapping[str, Any], now: float) -> ClientState | None:
