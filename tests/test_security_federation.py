@@ -522,3 +522,57 @@ def test_tls_settings_are_never_silently_ignored(tmp_path, pki):
         with pytest.raises(TLSConfigError, match=reason):
             FederationServer(compose_cfg("run.rounds=1", *overrides), toy_plugins(), CLASSES, tmp_path,
                              echo=lambda *a: None)
+
+
+def test_the_dashboard_needs_the_same_credential_as_status(tmp_path):
+    cfg = compose_cfg("run.rounds=1", "server.token=sesame", "dashboard.enabled=true")
+
+    async def go():
+        server = FederationServer(cfg, toy_plugins(), CLASSES, tmp_path, echo=lambda *a: None)
+        port = await server.start()
+        codes = []
+        try:
+            async with aiohttp.ClientSession() as http:
+                for header in ({}, {"Authorization": "Bearer sesame"}):
+                    async with http.get(f"http://127.0.0.1:{port}/dashboard/state", headers=header) as resp:
+                        codes.append(resp.status)
+        finally:
+            await server.stop()
+        return codes
+
+    assert asyncio.run(go()) == [401, 200]
+
+
+# ---------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize("overrides, reason", [
+    (("mode=server", "server.credentials_file=/x.yaml", "server.token=t"), "not both"),
+    (("server.credentials_file=/x.yaml",), "mode=embedded starts its own clients"),
+    (("mode=server", "client.secret=a", "client.secret_file=/s"), "client.secret or client.secret_file"),
+    (("run.num_clients=5", "run.min_clients=5", "run.clients_per_round=5", "server.max_connections_per_address=3"),
+     "below run.num_clients"),
+    (("server.ssl_client_certs=maybe",), "server.ssl_client_certs must be one of none, optional, required"),
+    (("server.max_client_examples=10000000000",), "protocol's bound"),
+    (("server.handshake_timeout_s=0",), "server.handshake_timeout_s must be > 0"),
+])
+def test_security_settings_are_checked_at_start_up(overrides, reason):
+    from fedplug.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=reason):
+        validate(compose_cfg(*overrides))
+
+
+def test_a_client_with_bad_tls_or_secret_files_stops_with_the_key_named(tmp_path, capsys):
+    from fedplug.app import run_client
+
+    for overrides, said in (
+        (("client.server_url=https://127.0.0.1:1", f"client.ca_file={tmp_path / 'none.pem'}"),
+         f"config error: client.ca_file={tmp_path / 'none.pem'}: no such file"),
+        (("client.server_url=http://127.0.0.1:1", f"client.ca_file={tmp_path / 'none.pem'}"),
+         "client.ca_file is set but client.server_url=http://127.0.0.1:1 is not https://"),
+        ((f"client.secret_file={tmp_path / 'none.secret'}",), "client.secret_file="),
+    ):
+        cfg = compose_cfg("mode=client", f"client.data.path={tmp_path}", *overrides)
+        assert run_client(cfg) == 2
+        assert said in capsys.readouterr().out
