@@ -285,9 +285,9 @@ def test_a_broken_observer_can_be_disabled(toys):
     toys("observer", "nosy", "observer_selecting_clients")
     toys("observer", "logger", "logger")
     active = activate({"resource_policy": "always"}, disabled=["nosy"])
-    assert [o.name for o in active.observers] == ["logger", "plots"]
+    assert [o.name for o in active.observers] == ["logger", "plots", "tensorboard"]
     active = activate({"resource_policy": "always"}, disabled=["observer:nosy", "plots"])
-    assert [o.name for o in active.observers] == ["logger"]
+    assert [o.name for o in active.observers] == ["logger", "tensorboard"]
 
 
 def test_disable_refuses_a_name_that_is_no_installed_observer(toys):
