@@ -53,6 +53,11 @@ def test_epsilon_is_in_every_rounds_metrics_and_the_budget_ends_the_run(tmp_path
     assert [float(r["epsilon"]) for r in rows] == pytest.approx([_rdp(k) for k in (1, 2, 3)])
     jsonl = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert jsonl[-1]["extra"]["epsilon"] == pytest.approx(_rdp(3))
+    # the dashboard's round rows (live page and snapshot) carry it too
+    from fedplug.dashboard.snapshot import round_row
+
+    assert round_row(server.history[-1])["epsilon"] == pytest.approx(_rdp(3))
+    assert round_row(jsonl[0])["epsilon"] == pytest.approx(_rdp(1))
 
 
 def test_the_reason_of_a_budget_stop_reaches_the_clients(tmp_path):

@@ -47,6 +47,7 @@ def round_row(record: RoundRecord | Mapping[str, Any]) -> dict[str, Any]:
         "map50": r.get("map50"),
         "recall": r.get("recall"),
         "coco_map": extra.get("coco_map"),
+        "epsilon": extra.get("epsilon"),  # differential privacy spent so far (None without a DP aggregator)
         "seconds": r.get("seconds"),
         "evaluated_by": r.get("evaluated_by") or "",
         "per_client": {cid: dict(v) for cid, v in (r.get("per_client") or {}).items()},

@@ -238,6 +238,7 @@ function renderRounds() {
     for (const v of [r.train_loss, r.test_loss, r.map50, r.recall, r.coco_map]) tr.append(el("td", num(v), { class: "num" }));
     tr.append(el("td", num(r.seconds, 1), { class: "num" }));
     tr.append(el("td", r.evaluated_by || "–"));
+    tr.append(el("td", r.epsilon == null ? "–" : num(r.epsilon, 3), { class: "num" }));  // DP spent (docs/privacy.md)
     body.append(tr);
   }
 }
