@@ -44,7 +44,6 @@ log = logging.getLogger("fedplug.dashboard")
 STATIC_TYPES = {"app.js": "text/javascript", "chart.js": "text/javascript", "style.css": "text/css"}
 KEEPALIVE_S = 15.0  # a comment line this often lets both ends notice a dead connection
 STATUS_CHECK_S = 0.5  # how often the phase is compared with what the pages were last told
-DASHBOARD_KEY = web.AppKey("fedplug.dashboard", object)
 # the rows the server writes once a finished round is in server.history: its outputs were
 # committed, or their write failed and the run went on (run.on_write_error=continue)
 ROUND_DONE_EVENTS = ("round_committed", "write_failed")
@@ -102,7 +101,6 @@ class Dashboard:
         app.router.add_get("/dashboard/events", self._events)
         app.on_startup.append(self._startup)
         app.on_shutdown.append(self._shutdown)
-        app[DASHBOARD_KEY] = self
         self.server.events.listeners.append(self.hub.listener)
 
     # ------------------------------------------------------------------ lifecycle
