@@ -8,8 +8,8 @@ Decentralized Data", Algorithm 1).  They call :func:`weighted_mean_of_updates`
 from their ``fedplug_aggregate`` hook, in the server's aggregation worker thread.
 
 Memory: the updates arrive as a stream (see ``fedplug_aggregate`` in
-``fedplug/hooks.py``).  Each update is folded into ONE float64 running mean
-and then dropped, so the server holds the running mean (2x the float32 model),
+``fedplug/hooks.py``).  Each update is folded into ONE float64 running sum
+and then dropped, so the server holds the running sum (2x the float32 model),
 the update being folded in, one float64 temporary of the tensor being added,
 and nothing else: memory is O(model), independent of the number of clients.
 
@@ -69,13 +69,25 @@ def check_update_matches(update: ClientUpdate, template: Mapping[str, torch.Tens
 
 
 class RunningWeightedMean:
-    """One float64 running weighted mean per tensor, updated in place, one update at a time.
+    """One float64 running weighted sum per tensor, updated in place, one update at a time; divided at the end.
 
-    ``mean_k = mean_{k-1} + (n_k / (n_1 + ... + n_k)) * (w_k - mean_{k-1})``, the
-    incremental form of ``sum_k n_k w_k / sum_k n_k``: it needs no final
-    division, so one update (or identical updates) comes back bit-exact, and it
-    never builds a large sum.  Never keeps a reference to an added state dict;
-    the only temporary is the difference for the tensor being added.
+    ``sum_k n_k w_k / sum_k n_k``.  Why a sum and not the incremental mean
+    ``mean_k = mean_{k-1} + (n_k / N_k) (w_k - mean_{k-1})``: the updates arrive
+    in whatever order the clients finish, and the incremental form rounds
+    differently for each order, so the same round could give a global model
+    that differs in the last bit of some weights (the mean of a few float32
+    values often lies exactly half-way between two float32 numbers, and the
+    order-dependent float64 error then decides which way it is rounded).  Each
+    product ``n_k * w_k`` is exact in float64 (a float32 value times an integer
+    below 2**29), so the sum is exact, and thus the same in any order, as long
+    as it fits float64's 53 bits: for a weight whose clients' values lie within
+    a factor of about 2**(29 - log2(n_k * clients)) of each other, as copies of
+    one weight trained from the same start usually are (otherwise the order can
+    still change its last bit).  A float64 tensor of the model keeps the
+    incremental mean (its products would round), so one update (or identical
+    updates) still comes back bit-exact, whatever the dtype.  Never keeps a
+    reference to an added state dict; the only temporary is the float64 copy of
+    the tensor being added.
     """
 
     def __init__(self, template: Mapping[str, torch.Tensor]):
@@ -84,6 +96,9 @@ class RunningWeightedMean:
         }
         self.total_weight = 0.0
         self.count = 0
+        self._divided = False
+        # summed (order-independent) unless the values have more than float32's 24-bit mantissa
+        self.summed = {name: t.dtype not in (torch.float64, torch.complex128) for name, t in template.items()}
 
     def add(self, weights: Mapping[str, torch.Tensor], weight: float) -> None:
         self.count += 1
@@ -91,11 +106,15 @@ class RunningWeightedMean:
             return  # contributes nothing; counted so that an all-zero round gets a clear error
         self.total_weight += float(weight)
         fraction = float(weight) / self.total_weight
-        for name, mean in self.means.items():
-            # copy=True: never write into the client's tensor (a float64 one would otherwise be it)
-            difference = weights[name].detach().to(ACC_DTYPE, copy=True).sub_(mean)
-            mean.add_(difference, alpha=fraction)
-            del difference
+        for name, acc in self.means.items():
+            value = weights[name].detach()
+            if self.summed[name]:  # weight * value is exact in float64: only the sum can round (class docstring)
+                acc.add_(value.to(ACC_DTYPE), alpha=float(weight))
+            else:  # float64 values: weight * value would round; the incremental mean keeps one update exact
+                # copy=True: never write into the client's tensor (a float64 one would otherwise be it)
+                difference = value.to(ACC_DTYPE, copy=True).sub_(acc)
+                acc.add_(difference, alpha=fraction)
+                del difference
 
     def mean(self) -> dict[str, torch.Tensor]:
         """The weighted mean in float64 (the accumulator's own tensors, not copies)."""
@@ -106,6 +125,11 @@ class RunningWeightedMean:
                 f"all {self.count} updates of this round report num_examples=0, so their weighted mean "
                 "is undefined; clients must report how many training examples they used"
             )
+        if not self._divided:  # the sums become the means once, in place
+            for name, acc in self.means.items():
+                if self.summed[name]:
+                    acc.div_(self.total_weight)
+            self._divided = True
         return self.means
 
 
