@@ -70,7 +70,10 @@ class Proc:
         raise AssertionError(f"no line with {text!r} within {timeout}s; output:\n{self.output}")
 
     def wait(self, timeout: float) -> int:
-        code = self.popen.wait(timeout)
+        try:
+            code = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running after {timeout}s; output:\n{self.output}") from None
         self._reader.join(10)
         return code
 
