@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
+from fedplug.plugins import PluginError, activate
 from fedplug.types import StateDict, TrainResult, TrainSettings
 
 log = logging.getLogger("fedplug.update_filter")
@@ -48,7 +49,6 @@ def apply_update_filter(result: TrainResult, global_weights: StateDict, settings
     a failed round instead of sending an unfiltered update.
     """
     from fedplug.client import HookFailed  # the client's failed-round signal (lazy: client imports us)
-    from fedplug.plugins import PluginError, activate
 
     spec = requested_filter(settings)
     if spec is None:

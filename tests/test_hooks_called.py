@@ -11,6 +11,7 @@ import inspect
 import pytest
 
 from fedplug import client as client_module
+from fedplug import update_filter as update_filter_module
 from fedplug import hooks
 from fedplug.client import FederationClient
 from fedplug.plugins import activate
@@ -38,11 +39,16 @@ def test_every_hook_is_called_in_a_real_round(tmp_path, monkeypatch):
     called: set[str] = set()
     real_activate = client_module.activate
     monkeypatch.setattr(client_module, "activate", lambda *a, **k: _monitor(real_activate(*a, **k), called))
+    # the update filter the aggregator asks for is loaded by fedplug.update_filter, on the client
+    monkeypatch.setattr(update_filter_module, "activate", lambda *a, **k: _monitor(real_activate(*a, **k), called))
 
     cfg = compose_cfg("run.rounds=1", "run.min_clients=2", "run.clients_per_round=2", "run.num_clients=2",
                       "resource_policy=cpu_load", "server.resource_max_attempts=1", "train.local_epochs=1",
-                      "server.update_timeout_s=300", "server.eval_timeout_s=300")
-    server_plugins = activate({"aggregator": "fedavg", "detector": "frcnn", "resource_policy": "cpu_load"},
+                      "server.update_timeout_s=300", "server.eval_timeout_s=300",
+                      # a DP aggregator with client-side clipping: its round settings make the clients
+                      # call the dp_clip update filter, and the server asks it for its privacy mechanism
+                      "aggregator=dp_fedavg", "aggregator.clipping=client", "aggregator.noise_multiplier=0")
+    server_plugins = activate({"aggregator": "dp_fedavg", "detector": "frcnn", "resource_policy": "cpu_load"},
                               observers=False)
     observer = RecordingObserver()  # observer hooks are called one plugin at a time (see FederationServer._notify)
     server_plugins.pm.register(observer, name="observer:recording")
