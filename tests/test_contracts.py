@@ -12,6 +12,7 @@ import torch
 
 from fedplug import plugins
 from fedplug.testing import AggregatorContract, DetectorContract, ObserverContract, ResourcePolicyContract
+from fedplug.testing import UpdateFilterContract
 from fedplug.testing.loading import default_config
 
 pytest_plugins = ["fedplug.testing.plugin"]
@@ -83,6 +84,13 @@ class TestBuiltinResourcePolicies(ResourcePolicyContract):
 @pytest.mark.parametrize("observer_name", _ids(builtin("observer")))
 class TestBuiltinObservers(ObserverContract):
     pass
+
+
+@pytest.mark.parametrize("update_filter_name", _ids(builtin("update_filter")))
+class TestBuiltinUpdateFilters(UpdateFilterContract):
+    @pytest.fixture
+    def update_filter_config(self, update_filter_name):  # what dp_fedavg / ldp_fedavg send
+        return {"name": update_filter_name, "clip_norm": 0.5, "noise_multiplier": 1.0, "noise_seed": None}
 
 
 def test_every_role_has_a_builtin_plugin_under_test():

@@ -20,6 +20,7 @@ Suites, the name each is parametrized with, and the config fixture to override:
 * :class:`DetectorContract` -- ``detector_name``, ``detector_config`` (give a tiny variant)
 * :class:`ResourcePolicyContract` -- ``resource_policy_name``, ``resource_policy_config``
 * :class:`ObserverContract` -- ``observer_name``, ``observer_run_config``
+* :class:`UpdateFilterContract` -- ``update_filter_name``, ``update_filter_config`` (the settings an aggregator sends)
 * :class:`CodecContract` -- ``codec_name``, ``codec_config`` (set ``lossless = True`` for an exact codec)
 
 Each suite also has a ``<role>_plugin`` fixture: override it to return a
@@ -40,7 +41,7 @@ import pytest
 pytest.register_assert_rewrite(*(
     f"fedplug.testing.{module}"
     for module in ("aggregator", "checks", "codec", "data", "detector", "loading", "observer", "plugin",
-                   "resource_policy")
+                   "resource_policy", "update_filter")
 ))
 
 from fedplug.testing.aggregator import AggregatorContract  # noqa: E402
@@ -48,6 +49,7 @@ from fedplug.testing.codec import CodecContract  # noqa: E402
 from fedplug.testing.detector import DetectorContract  # noqa: E402
 from fedplug.testing.observer import ObserverContract, simulate_run  # noqa: E402
 from fedplug.testing.resource_policy import ResourcePolicyContract  # noqa: E402
+from fedplug.testing.update_filter import UpdateFilterContract  # noqa: E402
 
 __all__ = [
     "AggregatorContract",
@@ -56,4 +58,5 @@ __all__ = [
     "ObserverContract",
     "ResourcePolicyContract",
     "simulate_run",
+    "UpdateFilterContract",
 ]
