@@ -191,6 +191,8 @@ def test_kills_at_random_instants_leave_the_last_reported_round_or_the_next(tmp_
     rng = random.Random(10)
     for case in range(8):
         run_dir = tmp_path / f"run{case}"
+        run_dir.mkdir()
+        (run_dir / "events.jsonl").write_text("")  # a server's first trace: a kill before round 1 is a fresh start
         parent_end, child_end = multiprocessing.get_context("fork").Pipe(duplex=False)
         child = _fork(_child, run_dir, None, 10_000, child_end, 1_000_000)
         reported = 0
