@@ -829,7 +829,7 @@ class FederationServer:
                               f"{self.run_cfg.patience} evaluations (run.patience)")
                     self.echo(reason)
                     break
-                budget = self.privacy.exhausted(rnd)
+                budget = await self._offload(self.privacy.exhausted, rnd)  # opacus can take a second: off the loop
                 if budget is not None:
                     reason = budget
                     self.echo(reason)
@@ -872,7 +872,7 @@ class FederationServer:
                 record = await self._run_round(rnd)
                 return dataclasses.replace(record, seconds=time.monotonic() - t0,
                                            extra={**record.extra, "attempts": float(attempt + 1),
-                                                  **self.privacy.spend(rnd)})
+                                                  **await self._offload(self.privacy.spend, rnd)})
             except RunFailed as exc:
                 if attempt == retries:
                     raise RunFailed(f"round {rnd} failed after {retries + 1} attempt(s): {exc}") from None
@@ -947,7 +947,7 @@ class FederationServer:
                       for cid, a in accepted.items()}
 
         record_kwargs: dict[str, Any] = {}
-        last = rnd == rounds or self.privacy.is_last(rnd)  # the privacy budget can end the run early
+        last = rnd == rounds or await self._offload(self.privacy.is_last, rnd)  # the privacy budget can end the run
         evaluate = rnd % int(self.run_cfg.eval_every) == 0 or last
         if evaluate:
             record_kwargs = await self._evaluate(rnd, stop=last, per_client=per_client,

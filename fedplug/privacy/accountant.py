@@ -14,6 +14,7 @@ tests compare its figures with opacus' own for the same parameters.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 ACCOUNTANTS = ("rdp", "prv")
@@ -41,10 +42,16 @@ def epsilon(rounds: Sequence[tuple[float, float]], delta: float, accountant: str
         return 0.0
     if any(z <= 0 for z, _ in rounds):
         return float("inf")
+    return _epsilon_of_history(tuple(_compress(rounds)), float(delta), accountant)
+
+
+@functools.lru_cache(maxsize=256)
+def _epsilon_of_history(history: tuple, delta: float, accountant: str) -> float:
+    """Cached: the server asks for the same history twice per round (is the next round affordable; spend)."""
     try:
         from opacus.accountants import PRVAccountant, RDPAccountant
     except ImportError:  # pragma: no cover - opacus is a dependency; a broken install gets this line
         raise RuntimeError("differential privacy needs opacus: pip install 'fedplug[privacy]'") from None
     acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
-    acc.history = _compress(rounds)
+    acc.history = list(history)
     return float(acc.get_epsilon(delta=delta))
