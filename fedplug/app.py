@@ -115,6 +115,11 @@ def run_client(cfg: Any) -> int:
         client = FederationClient(str(c.server_url), c.client_id, spec, device=str(c.device), token=c.token,
                                   augment=augment, reconnect_attempts=int(c.reconnect_attempts),
                                   max_message_mb=float(cfg.server.max_message_mb),
+                                  reconnect_timeout_s=float(c.reconnect_timeout_s),
+                                  reconnect_delay_max_s=float(c.reconnect_delay_max_s),
+                                  call_timeout_s=float(c.call_timeout_s),
+                                  protocol_version=int(c.protocol_version),
+                                  parent_pid=int(c.parent_pid) if c.get("parent_pid") else None,
                                   secret=str(secret) if secret else None, ssl_context=ssl_context,
                                   client_cert=bool(c.get("ssl_certfile")))
     except ValueError as exc:
@@ -129,11 +134,6 @@ async def run_server(cfg: Any, embedded: bool) -> int:
 
     view = TerminalView(cfg)  # a live panel on a terminal, plain lines elsewhere, only problems with ui.quiet
     echo = view.echo
-    import torch
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
-
-    from fedplug.data import class_names_of, prepare_federation
     from fedplug.startup import check_port, describe_os_error, listen_error
 
     busy = check_port(str(cfg.server.host), int(cfg.server.port))  # before seconds of data and model loading
@@ -148,6 +148,11 @@ async def run_server(cfg: Any, embedded: bool) -> int:
         if ray_missing():
             echo(ray_missing())
             return 2
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from fedplug.data import class_names_of, prepare_federation
     from fedplug.data.errors import DatasetError
     from fedplug.launcher import ClientProcesses, client_command, hydra_literal
     from fedplug.plugins import activate
@@ -161,15 +166,15 @@ async def run_server(cfg: Any, embedded: bool) -> int:
     except RunDirBusy as exc:
         echo(f"cannot start: {exc}")
         return 2
+    except OSError as exc:  # e.g. a read-only run directory: the lock file cannot be created
+        echo(f"cannot start: cannot write in the run directory {run_dir} ({describe_os_error(exc)}); "
+             "make it writable, or choose another with hydra.run.dir=<dir>")
+        return 2
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2) if embedded else (os.cpu_count() or 1))
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     try:
         shared_test = None
         if embedded:
-    except OSError as exc:  # e.g. a read-only run directory: the lock file cannot be created
-        echo(f"cannot start: cannot write in the run directory {run_dir} ({describe_os_error(exc)}); "
-             "make it writable, or choose another with hydra.run.dir=<dir>")
-        return 2
             echo(f"preparing data ({data_cfg.get('name', data_cfg.get('format'))}) for "
                  f"{cfg.run.num_clients} clients ...")
             federation = prepare_federation(data_cfg, int(cfg.run.num_clients))
@@ -183,15 +188,15 @@ async def run_server(cfg: Any, embedded: bool) -> int:
     except (DatasetError, FileNotFoundError) as exc:
         echo(f"data error: {exc}")
         return 2
+    except OSError as exc:  # a file or folder of the data that this user cannot read
+        echo(f"data error: cannot read {describe_os_error(exc)}; check the data paths (data.*, eval.data) "
+             "and that this user may read them")
+        return 2
 
     plugins = activate(
         {"aggregator": str(cfg.aggregator.name), "detector": str(cfg.model.name),
          "resource_policy": str(cfg.resource_policy.name)},
         disabled=list(cfg.plugins.disable or []),
-    except OSError as exc:  # a file or folder of the data that this user cannot read
-        echo(f"data error: cannot read {describe_os_error(exc)}; check the data paths (data.*, eval.data) "
-             "and that this user may read them")
-        return 2
     )
     for role, info in plugins.selected.items():
         log.info("%s: %s", role, info.describe())
