@@ -77,7 +77,7 @@ def run_one(n: int, args, plugin: Path, work: Path) -> dict:
         "client.torch_threads=1", f"hydra.run.dir={run_dir}",
     ]
     if args.model == "noop":
-        overrides += ["model=noop", "data.train_per_client=2", "data.test_per_client=1", "data.image_size=32"]
+        overrides += ["model=noop", "data.train_per_client=2", "data.test_per_client=1", "data.image_size=64"]
     else:
         overrides += ["data.train_per_client=8", "data.test_per_client=4", "data.image_size=64", "model.min_size=64",
                       "model.max_size=64", "train.local_epochs=1"]

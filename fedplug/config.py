@@ -147,7 +147,8 @@ def _check_security(cfg: Any, mode: str) -> None:
     examples = _int(cfg, "server.max_client_examples", 1)
     if examples > 10**9:
         raise ConfigError(f"server.max_client_examples must be <= 1000000000 (the protocol's bound), got {examples}")
-    if mode == "embedded" and _get(cfg, "server.max_connections_per_address") < _get(cfg, "run.num_clients"):
+    if mode == "embedded" and _get(cfg, "server.max_connections_per_address") < _get(cfg, "run.num_clients") \
+            and str((cfg.get("launcher") or {}).get("name", "local")) == "local":  # launcher=ray caps it itself
         raise ConfigError(f"server.max_connections_per_address ({_get(cfg, 'server.max_connections_per_address')}) "
                           f"is below run.num_clients ({_get(cfg, 'run.num_clients')}): mode=embedded connects them "
                           "all from 127.0.0.1")

@@ -29,7 +29,7 @@ from ray_noop import write_noop_plugin
 RAY = ["launcher=ray", "launcher.num_cpus=2", "launcher.object_store_mb=100", "launcher.include_dashboard=false",
        "launcher.log_to_driver=false"]
 LIGHT = ["model=noop", "resource_policy=always", "data.train_per_client=2", "data.test_per_client=1",
-         "data.image_size=32", "client.torch_threads=1", "ui.live=false"]
+         "data.image_size=64", "client.torch_threads=1", "ui.live=false"]
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:

@@ -59,6 +59,11 @@ def check_launcher_config(cfg: Any) -> None:
     number("num_cpus", 0, allow_null=True, open_low=True)
     number("num_gpus", 0, allow_null=True)
     number("object_store_mb", 75)  # Ray refuses a smaller object store
+    clients, known = cfg.run.num_clients, cfg.server.get("max_clients")
+    if known is not None and int(known) < int(clients):
+        # in waves the server sees every client over the run, not only those alive at once
+        raise ConfigError(f"server.max_clients ({known}) is below run.num_clients ({clients}): with launcher=ray the "
+                          "server meets every client over the run; raise server.max_clients")
     address = node.get("address")
     if address is not None and (not isinstance(address, str) or not address.strip()):
         raise ConfigError(f"launcher.address must be null (a local cluster), auto, or an address such as "

@@ -340,6 +340,10 @@ class RayClients:
         resources = {str(k): float(v) for k, v in self._plain(self.node.client_resources).items()}
         cluster = ray.cluster_resources()
         limit = self.node.get("max_alive")
+        per_address = self.cfg.server.get("max_connections_per_address")
+        if per_address is not None and (limit is None or int(per_address) < int(limit)):
+            # a node's actors share its address, and the server refuses more connections from one address
+            limit = int(per_address)
         capacity = capacity_of(cluster, resources, limit, len(self.specs))
         per_round = int(self.cfg.run.clients_per_round)
         shares = ", ".join(f"{k}={v:g}" for k, v in resources.items())
@@ -351,7 +355,8 @@ class RayClients:
             raise LaunchError(
                 f"a round's {per_round} clients (run.clients_per_round) must be alive at once, but the Ray "
                 f"cluster ({held}) holds {capacity} of launcher.client_resources ({shares})"
-                + (f" and launcher.max_alive={limit}" if limit is not None else "")
+                + (f" within launcher.max_alive / server.max_connections_per_address ({limit})"
+                   if limit is not None and limit < len(self.specs) else "")
                 + "; lower run.clients_per_round or the per-client resources, or add nodes")
         threads = int(self.cfg.client.torch_threads) or max(1, int(resources.get("num_cpus", 1)))
         server_url = self._server_url(url)
