@@ -1,7 +1,8 @@
 """mAP against epsilon: FedAvg vs DP-FedAvg at a few noise levels, and local DP, on the synthetic data.
 
     python benchmarks/bench_privacy.py [--rounds 6] [--clients 3] [--noise 0.1 0.5 1.0] [--local-noise 0.1]
-        [--clip auto|<C>] [--delta 1e-5] [--threads 2] [--out-dir benchmarks/results] [--smoke]
+        [--clip auto|<C>] [--no-baseline] [--delta 1e-5] [--threads 2] [--out-dir benchmarks/results] [--tag T]
+        [--smoke]
 
 What runs.  The same simulated federation as ``bench_fl_vs_central.py`` (its
 helpers: one pool of synthetic street-camera images, whole cameras dealt to
@@ -52,6 +53,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the plain FedAvg run (needs a numeric --clip; e.g. to add noise levels to a past run)")
+    p.add_argument("--tag", default="", help="suffix of the output names: privacy_frcnn_<tag>.*")
     p.add_argument("--smoke", action="store_true", help="1 round, 2 train + 1 test images per camera")
     args = p.parse_args(argv)
     args.model, args.local_epochs, args.cameras = "frcnn", 1, 10
@@ -67,6 +71,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error(f"--clip must be auto or a number > 0, got {args.clip!r}")
         if not args.clip > 0:
             p.error(f"--clip must be > 0, got {args.clip}")
+    if args.no_baseline and args.clip == "auto":
+        p.error("--no-baseline needs a numeric --clip (auto measures it in the baseline run)")
     if args.rounds < 1 or not 1 <= args.clients <= args.cameras:
         p.error(f"--rounds must be >= 1 and --clients between 1 and {args.cameras}")
     return args
@@ -149,9 +155,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     log(f"{args.clients} clients (cameras {groups}), {args.rounds} rounds, tiny frcnn, delta {args.delta}, "
         f"sample rate 1 (every client every round), RDP accountant")
-    rows, norms = run("fedavg", {"name": "fedavg"}, hook, build, pool, groups, settings, eval_settings, args, log)
+    rows, norms = [], []
+    if not args.no_baseline:
+        rows, norms = run("fedavg", {"name": "fedavg"}, hook, build, pool, groups, settings, eval_settings, args, log)
     clip = statistics.median(norms) if args.clip == "auto" else args.clip
-    log(f"round-1 update norms {[round(n, 3) for n in norms]}; clip norm C = {clip:.4g}")
+    log(f"round-1 update norms {[round(n, 3) for n in norms] or 'not measured'}; clip norm C = {clip:.4g}; "
+        f"model of {sum(t.numel() for t in build().state_dict().values() if t.is_floating_point()):,} floats")
     for z in args.noise:
         cfg_dp = {"name": "dp_fedavg", "clip_norm": clip, "noise_multiplier": z, "expected_clients": args.clients}
         rows += run(f"dp_fedavg z={z:g}", cfg_dp, hook, build, pool, groups, settings, eval_settings, args, log)[0]
@@ -165,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"  {name:16s} epsilon {last['epsilon']:9.3f}  mAP@0.5 {last['map50']:.3f}  recall {last['recall']:.3f}")
     log(f"wall time {time.monotonic() - t0:.0f} s on {args.threads} thread(s)")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / ("privacy_frcnn" + ("_smoke" if args.smoke else ""))
+    stem = args.out_dir / ("privacy_frcnn" + ("_smoke" if args.smoke else "") + (f"_{args.tag}" if args.tag else ""))
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
