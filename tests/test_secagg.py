@@ -179,3 +179,18 @@ def test_neighbourhoods_are_regular_and_symmetric():
     assert neighbourhoods(ids[:4], 6) == {c: [o for o in ids[:4] if o != c] for c in ids[:4]}
     with pytest.raises(SecAggError, match="even"):
         neighbourhoods(ids, 3)
+
+
+def test_the_secagg_benchmark_runs_and_agrees_with_fedavg(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_secagg.py"
+    spec = importlib.util.spec_from_file_location("bench_secagg", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--params", "3000", "--clients", "4", "--out-dir", str(tmp_path)]) == 0
+    text = (tmp_path / "secagg.txt").read_text()
+    assert "4 clients" in text and "upload 2.00x" in text
+    error = float(text.rsplit("max |SecAgg - FedAvg| = ", 1)[1].split()[0])
+    assert error < 1e-6
