@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
     torch.set_num_threads(2)
-    lines = [f"command: python {' '.join(sys.argv)}", f"model: {args.params:,} float32 parameters"]
+    shown = sys.argv[1:] if argv is None else list(argv)
+    lines = [f"command: python benchmarks/bench_secagg.py {' '.join(shown)}", f"model: {args.params:,} float32 parameters"]
     print(lines[-1])
     for n in args.clients:
         g = torch.Generator().manual_seed(n)

@@ -191,6 +191,8 @@ def test_the_secagg_benchmark_runs_and_agrees_with_fedavg(tmp_path, capsys):
     spec.loader.exec_module(bench)
     assert bench.main(["--params", "3000", "--clients", "4", "--out-dir", str(tmp_path)]) == 0
     text = (tmp_path / "secagg.txt").read_text()
-    assert "4 clients" in text and "upload 2.00x" in text
+    assert "4 clients" in text
+    upload_ratio = float(text.split("upload ")[-1].split("x")[0])
+    assert upload_ratio >= 2.0  # 8-byte ring elements for 4-byte floats, plus the key and share messages
     error = float(text.rsplit("max |SecAgg - FedAvg| = ", 1)[1].split()[0])
     assert error < 1e-6
