@@ -21,8 +21,8 @@ What it prints, per model and K:
   ``check_client_resource``, from events.jsonl) to the next one's: everything the server does in a round,
   checkpoints included.  Round 1 (warm-up) is left out, and so is the extra last round, which also evaluates.
 * **server / client peak RSS** (``VmHWM`` from /proc, Linux) and the server's **growth during the rounds**:
-  its peak minus its RSS when round 1 started (the model and torch already loaded), also as a multiple of
-  the model's size.
+  its peak after round 1 started (the kernel's peak mark is reset then, ``/proc/<pid>/clear_refs``) minus its
+  RSS at that moment (torch and the model already loaded), also as a multiple of the model's size.
 * **bytes on the wire per round** -- up: the uploads' sizes (``upload_started`` / ``client_update`` in
   events.jsonl, with their chunk counts); down: K x the broadcast's size (the global model's safetensors
   file).  Socket.IO / WebSocket framing (a few bytes per chunk) is not counted.
@@ -89,6 +89,8 @@ class Watch(threading.Thread):
         self.pids = dict(pids)
         self.peak: dict[str, int] = {}
         self.rss: dict[str, int] = {}
+        self.round_peak: dict[str, int] = {}  # peaks since start_rounds()
+        self.round_peak_from: dict[str, bool] = {}
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -96,13 +98,34 @@ class Watch(threading.Thread):
             self.sample()
             time.sleep(0.05)
 
+    def start_rounds(self, name: str) -> int:
+        """Round 1 starts: note ``name``'s RSS and reset its peak mark, so later peaks are the rounds' own."""
+        self.sample()
+        pid = self.pids[name]
+        try:  # Linux: "5" resets VmHWM to the current RSS (own child process)
+            with open(f"/proc/{pid}/clear_refs", "w") as fh:
+                fh.write("5")
+        except OSError:
+            pass
+        self.round_peak_from[name] = True
+        return self.rss.get(name, 0)
+
     def sample(self) -> None:
         for name, pid in list(self.pids.items()):
             hwm, rss = proc_kb(pid, "VmHWM"), proc_kb(pid, "VmRSS")
             if hwm is not None:
                 self.peak[name] = max(self.peak.get(name, 0), hwm * 1024)
+                if self.round_peak_from.get(name):
+                    self.round_peak[name] = max(self.round_peak.get(name, 0), hwm * 1024)
             if rss is not None:
                 self.rss[name] = rss * 1024
+
+
+def growth(watch: Watch, baseline: dict[str, int]) -> float | None:
+    """The server's peak during the rounds above its RSS when round 1 started, in MiB."""
+    if "server" not in baseline or "server" not in watch.round_peak:
+        return None
+    return (watch.round_peak["server"] - baseline["server"]) / MIB
 
 
 def state_dict_of(model: str):
@@ -194,8 +217,7 @@ def run_fedplug(model: str, k: int, args, root: Path, broadcast_bytes: int, mode
         for line in server.stdout:
             log.write(line)
             if "round 1/" in line and "server" not in baseline:
-                watch.sample()
-                baseline["server"] = watch.rss.get("server", 0)
+                baseline["server"] = watch.start_rounds("server")
 
     reader = threading.Thread(target=read_server, daemon=True)
     reader.start()
@@ -238,7 +260,7 @@ def run_fedplug(model: str, k: int, args, root: Path, broadcast_bytes: int, mode
     return {
         "system": "fedplug", "s_per_round": s_round, "rounds_timed": len(times),
         "server_peak_mb": watch.peak.get("server", 0) / MIB,
-        "server_growth_mb": (watch.peak.get("server", 0) - baseline.get("server", 0)) / MIB if baseline else None,
+        "server_growth_mb": growth(watch, baseline),
         "client_peak_mb": max(client_peaks) / MIB if client_peaks else None,
         "up_bytes_per_round": sum(e.get("bytes", 0) for e in ups) / max(1, len(times)),
         "down_bytes_per_round": k * broadcast_bytes,
@@ -332,8 +354,7 @@ def run_flower(model: str, k: int, args, root: Path) -> dict:
         for line in server.stdout:
             slog.write(line)
             if "[ROUND 1]" in line and "server" not in baseline:
-                watch.sample()
-                baseline["server"] = watch.rss.get("server", 0)
+                baseline["server"] = watch.start_rounds("server")
 
     reader = threading.Thread(target=read_server, daemon=True)
     reader.start()
@@ -364,7 +385,7 @@ def run_flower(model: str, k: int, args, root: Path) -> dict:
     client_peaks = [v for n, v in watch.peak.items() if n != "server"]
     return {"system": f"flower {version}", "s_per_round": s_round, "rounds_timed": len(times),
             "server_peak_mb": watch.peak.get("server", 0) / MIB,
-            "server_growth_mb": (watch.peak.get("server", 0) - baseline.get("server", 0)) / MIB if baseline else None,
+            "server_growth_mb": growth(watch, baseline),
             "client_peak_mb": max(client_peaks) / MIB if client_peaks else None}
 
 
@@ -396,6 +417,8 @@ def plot(rows: list[dict], path: Path) -> None:
             growth = [(k, r["server_growth_x_model"]) for k, r in pts if r.get("server_growth_x_model") is not None]
             if growth and system != "floor":
                 axes[1].plot([k for k, _ in growth], [g for _, g in growth], style, label=f"{system} {model}")
+    for ax in axes:
+        ax.set_xticks(sorted({r["clients"] for r in rows}))
     axes[0].set(xlabel="clients K", ylabel="s / round (median of rounds 2..N)", title="round time", yscale="log")
     axes[1].set(xlabel="clients K", ylabel="server RSS growth / model size", title="server memory during rounds")
     axes[1].axhline(3, color="grey", lw=0.8, ls="--")
