@@ -53,12 +53,10 @@ def _history(run_dir: Path) -> list[dict]:
 
 def _max_connected(events: list[dict]) -> int:
     """The most clients connected to the server at once, from its event log (wake-up in, disconnect in)."""
-    sid_of: dict[str, str] = {}
     connected, most = set(), 0
     for e in events:
         if e["event"] == "client_wake_up" and e["direction"] == "in":
             connected.add(e["client_id"])
-            sid_of[e["sid"]] = e["client_id"]
         elif e["event"] == "disconnect" and e.get("client_id"):
             connected.discard(e["client_id"])
         most = max(most, len(connected))
