@@ -171,6 +171,11 @@ def test_too_many_dropouts_fail_clearly_instead_of_revealing_anything():
         run_secagg(inputs, threshold=3, drop_before_masking={"site-0", "site-1"})
 
 
+def test_a_threshold_the_neighbourhoods_cannot_meet_is_refused():
+    with pytest.raises(SecAggError, match="threshold must be between 2 and the neighbourhood size"):
+        SecAggServer([f"c{k}" for k in range(8)], 10, threshold=5, degree=4)
+
+
 def test_neighbourhoods_are_regular_and_symmetric():
     ids = [f"c{k}" for k in range(10)]
     graph = neighbourhoods(ids, 4, seed=3)

@@ -108,7 +108,7 @@ class SecAggClient:
     def share_keys(self, peer_keys: Mapping[str, tuple[bytes, bytes]]) -> dict[str, bytes]:
         """Envelopes for each neighbour that advertised keys: Shamir shares of our s key and of b."""
         self.peer_keys = {v: tuple(peer_keys[v]) for v in self.neighbours if v in peer_keys}
-        if len(self.peer_keys) + 1 < self.threshold:
+        if len(self.peer_keys) < self.threshold:
             raise SecAggError(f"only {len(self.peer_keys)} neighbour(s) of {self.id} advertised keys; the threshold "
                               f"is {self.threshold}")
         order = sorted(self.peer_keys)
@@ -169,9 +169,10 @@ class SecAggServer:
         self.participants = sorted(participants)
         n = len(self.participants)
         degree = n - 1 if degree is None else degree
-        if not 2 <= threshold <= min(degree, n - 1) + 1:
-            raise SecAggError(f"the threshold must be between 2 and the neighbourhood size + 1 "
-                              f"({min(degree, n - 1) + 1}), got {threshold}")
+        if not 2 <= threshold <= min(degree, n - 1):
+            # a client's secrets are shared among its neighbours only: t of them must be able to rebuild them
+            raise SecAggError(f"the threshold must be between 2 and the neighbourhood size "
+                              f"({min(degree, n - 1)}), got {threshold}")
         self.session = _secrets.token_hex(8)
         self.length, self.threshold, self.frac_bits = int(length), int(threshold), int(frac_bits)
         self.neighbours = neighbourhoods(self.participants, degree, graph_seed)
