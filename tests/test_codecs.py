@@ -409,3 +409,46 @@ def test_a_federation_runs_with_each_codec(tmp_path, codec):
     assert len(sizes) == 4
     limit = {"none": 1.1, "zstd": 1.1, "fp16": 0.6, "bf16": 0.6, "int8": 0.35, "topk": 0.1}[codec]
     assert max(sizes) < limit * raw, sizes
+
+
+# -- the contract suite catches the defects it exists for -------------------------------------------------------
+
+
+class _Broken:
+    """Plain safetensors with one defect switched on."""
+
+    def __init__(self, defect: str):
+        self.defect = defect
+
+    def encode(self, weights, reference, state=None):
+        return encode_state(weights)
+
+    def decode(self, data, reference):
+        from fedplug.wire import decode_state
+
+        if self.defect == "crashes" and len(data) < 64:
+            raise IndexError("header too short")
+        state = decode_state(data)
+        if self.defect == "counts_reset":
+            state = {k: (torch.zeros_like(v) if not v.is_floating_point() else v) for k, v in state.items()}
+        if self.defect == "sends_nothing":
+            state = {k: v.clone() for k, v in reference.items()}
+        return state
+
+
+@pytest.mark.parametrize("defect, check", [
+    ("crashes", "test_garbage_is_refused"),
+    ("counts_reset", "test_round_trip_has_the_global_layout"),
+    ("sends_nothing", "test_decoded_update_is_closer_to_the_trained_weights_than_the_global_model"),
+])
+def test_the_codec_suite_fails_a_codec_with_that_defect(defect, check):
+    broken, suite = _Broken(defect), CodecContract()
+    method = getattr(suite, check)
+    kwargs = {"encode": broken.encode, "decode": broken.decode, "reference": _reference()}
+    names = method.__code__.co_varnames[1:method.__code__.co_argcount]
+    with pytest.raises(BaseException) as info:
+        method(**{n: kwargs[n] for n in names})
+    assert isinstance(info.value, (AssertionError, pytest.fail.Exception)), repr(info.value)
+    # and the same check passes for the sound codec
+    sound = _Broken("none")
+    method(**{n: {"encode": sound.encode, "decode": sound.decode, "reference": _reference()}[n] for n in names})
