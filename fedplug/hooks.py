@@ -17,6 +17,8 @@ detector (``model``)      ``fedplug.detectors``    ``fedplug_build_model``,
                                                    ``fedplug_train_round``, ``fedplug_evaluate``
 resource_policy           ``fedplug.resource_policies``  ``fedplug_measure_resources``,
                                                    ``fedplug_select_clients``
+codec                     ``fedplug.codecs``       ``fedplug_encode_update``,
+                                                   ``fedplug_decode_update``
 update_filter             ``fedplug.update_filters``  ``fedplug_filter_update`` (selected by the
                                                    aggregator's round settings, run on clients)
 observer                  ``fedplug.observers``    ``fedplug_run_start`` ... ``fedplug_run_end``
@@ -240,6 +242,65 @@ def fedplug_select_clients(
     :return: a :class:`~fedplug.types.ResourceDecision` whose ``selected`` is
         a subset of ``contacted``; with ``proceed=False`` the server backs off
         and asks again.
+    """
+
+
+# -------------------------------------------------------------------------
+# Codec: clients encode their update, the server decodes it (fedplug.codecs)
+# -------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def fedplug_encode_update(
+    weights: StateDict, reference: StateDict, config: Mapping[str, Any], state: dict
+) -> bytes:
+    """Turn a client's trained weights into the bytes its ``client_update`` carries.
+
+    Called by a client, in a worker thread, after each round's training, with
+    the codec the server announced in ``init.codec``.  The server decodes the
+    bytes with :func:`fedplug_decode_update` of the same codec, relative to the
+    same ``reference``.
+
+    :param weights: the full trained state (parameters and buffers), the
+        layout of ``reference``.  Read-only.
+    :param reference: the round's global model, exactly as the server holds
+        it: a delta codec encodes ``weights - reference``.  Read-only.
+    :param config: this codec's config group as a dict (``name`` and its
+        settings), as the server sent it.
+    :param state: the client's codec state across rounds (e.g. the residual
+        of what a sparsifying codec left out, fed back next round).  The core
+        passes a throw-away dict to its start-up check.
+    :return: the encoded bytes, at most the model's raw tensor bytes plus
+        64 KiB and 512 B per tensor (the server refuses larger uploads).
+    :raises fedplug.wire.WireError: when the weights cannot be encoded (say,
+        a value beyond the transport dtype's range); the client then reports
+        a failed round with the message.
+    """
+
+
+@hookspec(firstresult=True)
+def fedplug_decode_update(
+    data: bytes, reference: StateDict, config: Mapping[str, Any], max_bytes: int
+) -> StateDict:
+    """Turn a peer's ``client_update`` bytes back into a full state dict.
+
+    Called by the server, in a worker thread, for each update it accepts
+    for the round (before the aggregator sees it), and by its start-up check.
+    ``data`` comes from the network: treat it as hostile — never unpickle
+    it, bound every size it claims by ``max_bytes`` and the reference's
+    shapes, and raise :class:`~fedplug.wire.WireError` with the reason for
+    anything malformed.
+
+    :param data: the update's bytes (``bytes`` or ``memoryview``).
+    :param reference: the round's global model the client encoded against.
+        Read-only.
+    :param config: this codec's config group as a dict.
+    :param max_bytes: the most bytes a valid encoding of this model takes;
+        ``data`` is never longer, and no decoded buffer needs to be larger.
+    :return: a full state dict with exactly the names, shapes and dtypes of
+        ``reference`` (floating tensors restored to the global dtype); the
+        core checks that and finiteness before the aggregator sees it.
+    :raises fedplug.wire.WireError: for bytes that are not a valid encoding.
     """
 
 

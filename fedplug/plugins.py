@@ -29,21 +29,25 @@ ROLE_GROUPS: dict[str, str] = {
     "aggregator": "fedplug.aggregators",
     "detector": "fedplug.detectors",
     "resource_policy": "fedplug.resource_policies",
+    "codec": "fedplug.codecs",
     "observer": "fedplug.observers",
 }
-CONFIG_GROUP_OF_ROLE = {"aggregator": "aggregator", "detector": "model", "resource_policy": "resource_policy"}
+CONFIG_GROUP_OF_ROLE = {"aggregator": "aggregator", "detector": "model", "resource_policy": "resource_policy",
+                        "codec": "codec"}
 
 # The hooks each role must implement, and those it may implement (see fedplug/hooks.py).
 REQUIRED_HOOKS: dict[str, tuple[str, ...]] = {
     "aggregator": ("fedplug_aggregate",),
     "detector": ("fedplug_build_model", "fedplug_train_round", "fedplug_evaluate"),
     "resource_policy": ("fedplug_measure_resources", "fedplug_select_clients"),
+    "codec": ("fedplug_encode_update", "fedplug_decode_update"),
     "observer": (),
 }
 OPTIONAL_HOOKS: dict[str, tuple[str, ...]] = {
     "aggregator": ("fedplug_aggregator_round_settings", "fedplug_aggregator_privacy"),
     "detector": (),
     "resource_policy": (),
+    "codec": (),
     "observer": (
         "fedplug_run_start", "fedplug_client_joined", "fedplug_client_left",
         "fedplug_round_start", "fedplug_round_end", "fedplug_run_end",
@@ -57,7 +61,7 @@ REQUIRED_HOOKS["update_filter"] = ("fedplug_filter_update",)
 OPTIONAL_HOOKS["update_filter"] = ()
 # role hook -> the role that owns it (firstresult hooks: one selected plugin answers).
 ROLE_OF_HOOK: dict[str, str] = {
-    hook: role for role in ("aggregator", "detector", "resource_policy")
+    hook: role for role in ("aggregator", "detector", "resource_policy", "codec")
     for hook in REQUIRED_HOOKS[role] + OPTIONAL_HOOKS[role]
 }
 ROLE_OF_HOOK["fedplug_filter_update"] = "update_filter"
