@@ -101,8 +101,14 @@ class UpdateStream:
         if self._consumed:
             raise RuntimeError("a round's update stream can be consumed only once")
         self._consumed = True
+        previous = None
         while True:
             item = self._queue.get()
+            if previous is not None:  # the consumer asked for the next: it is done reading the last one
+                release = getattr(previous.weights, "release_pages", None)
+                if release is not None:
+                    release()  # a received update's file pages (fedplug.wire.MappedState); still readable later
             if item is _END:
                 return
+            previous = item
             yield item

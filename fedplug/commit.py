@@ -92,18 +92,42 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_bytes(f: Any, data: bytes | memoryview) -> None:
+def write_bytes(f: Any, data: bytes | memoryview | list) -> None:
     """The one place a commit's bytes reach a file (tests patch it to make the disk full at the Nth write).
 
-    Loops because an unbuffered file may take only part of the bytes (the disk
-    filling up mid-write); the next write then raises ENOSPC.
+    ``data`` is bytes or a list of byte views written in turn.  Loops because an
+    unbuffered file may take only part of the bytes (the disk filling up
+    mid-write); the next write then raises ENOSPC.
     """
-    view = memoryview(data)
-    while view:
-        view = view[f.write(view):]
+    for part in (data if isinstance(data, list) else [data]):
+        view = memoryview(part)
+        while view:
+            view = view[f.write(view):]
 
 
-def write_durable(path: Path, data: bytes, step: str | None = None, round_number: int | None = None) -> dict:
+def _halves(data: Any) -> tuple[list, list, int, str]:
+    """``data`` (bytes, or a :class:`fedplug.wire.SafetensorsLayout`) as two lists of views, its size and SHA-256.
+
+    A layout is written from the tensors themselves: a checkpoint costs no
+    model-sized buffer (server memory during a round stays flat).
+    """
+    views = [memoryview(data)] if isinstance(data, (bytes, bytearray, memoryview)) else list(data.views())
+    size = sum(len(v) for v in views)
+    digest = hashlib.sha256()
+    for view in views:
+        digest.update(view)
+    first, second, taken = [], [], 0
+    for view in views:
+        cut = max(0, min(len(view), size // 2 - taken))
+        if cut:
+            first.append(view[:cut])
+        if cut < len(view):
+            second.append(view[cut:])
+        taken += len(view)
+    return first, second, size, digest.hexdigest()
+
+
+def write_durable(path: Path, data: Any, step: str | None = None, round_number: int | None = None) -> dict:
     """Write ``data`` to ``path`` via a fsynced temp file and ``os.replace``; return its manifest entry.
 
     Readers see the old file or the new one, never a part.  The directory is
@@ -117,14 +141,13 @@ def write_durable(path: Path, data: bytes, step: str | None = None, round_number
     # os.open, not mkstemp: mkstemp makes the file 0600, checkpoints are as readable as the umask allows
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
+        first, second, size, digest = _halves(data)
         with os.fdopen(fd, "wb") as f:
-            view = memoryview(data)
-            half = len(view) // 2
-            write_bytes(f, view[:half])
+            write_bytes(f, first)
             if step:
                 f.flush()
                 fault_point("commit", f"{step}.partial", round_number)
-            write_bytes(f, view[half:])
+            write_bytes(f, second)
             f.flush()
             os.fsync(f.fileno())
         if step:
@@ -138,7 +161,7 @@ def write_durable(path: Path, data: bytes, step: str | None = None, round_number
         raise
     if step:
         fault_point("commit", f"{step}.renamed", round_number)
-    return {"file": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return {"file": path.name, "bytes": size, "sha256": digest}
 
 
 def read_manifest(checkpoint_dir: Path) -> dict | None:

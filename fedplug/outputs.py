@@ -35,7 +35,7 @@ from fedplug import commit
 from fedplug.commit import ResumePoint, RoundStore, find_resume_point, fsync_dir, resume_doc, round_file, write_durable
 from fedplug.faults import fault_point
 from fedplug.types import RoundRecord, StateDict
-from fedplug.wire import encode_state, write_atomic
+from fedplug.wire import SafetensorsLayout, encode_state, write_atomic
 
 METRIC_COLUMNS = (
     "round", "participants", "num_participants", "train_loss", "test_loss", "map50", "recall",
@@ -204,7 +204,7 @@ class RunOutputs:
     def save_checkpoint(self, name: str, weights: StateDict, meta: Mapping[str, Any]) -> dict:
         """Write ``checkpoints/<name>.safetensors`` durably (metadata: ``meta`` as JSON); return its manifest entry."""
         path = self.checkpoint_dir / f"{name}.safetensors"
-        data = encode_state(weights, {k: json.dumps(_clean(v)) for k, v in meta.items()})
+        data = SafetensorsLayout(weights, {k: json.dumps(_clean(v)) for k, v in meta.items()})  # no copy
         rnd = meta.get("round")
         return write_durable(path, data, "model", rnd if isinstance(rnd, int) else None)
 

@@ -166,6 +166,7 @@ class FederationServer:
         self.runner: web.AppRunner | None = None
         self.port: int | None = None
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="fedplug-server")
+        self._decode_slot = asyncio.Semaphore(1)
 
         self.clients: dict[str, ClientSlot] = {}
         self.sid_to_client: dict[str, str] = {}
@@ -640,8 +641,8 @@ class FederationServer:
         except TransferError as exc:
             return {"ok": False, "reason": str(exc)}
         self.events.publish("transfer_progress", client_id=cid, direction="down", round=self.round_number,
-                            bytes_done=min(len(blob.data), (msg["index"] + 1) * blob.chunk_bytes),
-                            bytes_total=len(blob.data))
+                            bytes_done=min(blob.size, (msg["index"] + 1) * blob.chunk_bytes),
+                            bytes_total=blob.size)
         return {"ok": True, "index": msg["index"], "data": chunk, "sha256": hashlib.sha256(chunk).hexdigest()}
 
     async def _on_update(self, sid: str, data: Any = None) -> None:
@@ -683,12 +684,15 @@ class FederationServer:
         collector.begin_work()
         stream = self.stream
         try:
-            if self.codec.name != "none":  # the codec's encoding, relative to the round's global model
-                weights = await self._offload(self.codec.decode, received or msg["weights"],
-                                              self.round_start_weights, self.spec)
-            else:
-                weights = await (self._offload(open_checked, received, self.spec) if received is not None
-                                 else self._offload(decode_checked, msg["weights"], self.spec))
+            # one update decoded and checked at a time: K uploads finishing together would otherwise
+            # hold K updates' pages at once, and server memory would grow with K
+            async with self._decode_slot:
+                if self.codec.name != "none":  # the codec's encoding, relative to the round's global model
+                    weights = await self._offload(self.codec.decode, received or msg["weights"],
+                                                  self.round_start_weights, self.spec)
+                else:
+                    weights = await (self._offload(open_checked, received, self.spec) if received is not None
+                                     else self._offload(decode_checked, msg["weights"], self.spec))
         except WireError as exc:
             self.echo(f"  rejected update from {cid}: {exc}")
             await self._reject(sid, P.CLIENT_UPDATE, f"update rejected: {exc}", cid, rnd)

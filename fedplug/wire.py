@@ -202,6 +202,10 @@ class SafetensorsLayout:
             i += 1
         return bytes(out)
 
+    def views(self) -> list[memoryview]:
+        """The file's bytes as views, in order: the header, then each tensor's memory."""
+        return [view for _, view in self._pieces]
+
     def sha256(self) -> str:
         import hashlib
 
@@ -212,6 +216,23 @@ class SafetensorsLayout:
 
     def to_bytes(self) -> bytes:
         return b"".join(bytes(view) for _, view in self._pieces)
+
+
+class MappedState(dict):
+    """A state dict whose tensors are views of a mapped file (see :func:`open_checked`)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], mapping: Any):
+        super().__init__(tensors)
+        self._mapping = mapping
+
+    def release_pages(self) -> None:
+        """Hand the file's pages back to the kernel; the tensors stay valid (they fault back in when read)."""
+        import mmap
+
+        try:
+            self._mapping.madvise(mmap.MADV_DONTNEED)
+        except (AttributeError, OSError, ValueError):
+            pass
 
 
 def open_checked(path: Path, spec: ModelSpec, *, unlink: bool = True) -> StateDict:
@@ -298,8 +319,12 @@ def open_checked(path: Path, spec: ModelSpec, *, unlink: bool = True) -> StateDi
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise WireError(f"tensor {name!r} holds NaN or Inf values")
         state[name] = tensor
-    try:  # the checks read every page; let the kernel take them back until an aggregator reads them again
-        mapping.madvise(mmap.MADV_DONTNEED)
-    except (AttributeError, OSError, ValueError):
-        pass
-    return state
+        if end - start >= 1 << 20:  # checked: give its pages back now, not after the whole file was read
+            page_start = offset - offset % mmap.PAGESIZE
+            try:
+                mapping.madvise(mmap.MADV_DONTNEED, page_start, offset + (end - start) - page_start)
+            except (AttributeError, OSError, ValueError):
+                pass
+    mapped = MappedState(state, mapping)
+    mapped.release_pages()  # the checks read every page; the kernel takes them back until an aggregator reads them
+    return mapped
