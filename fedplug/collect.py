@@ -105,7 +105,7 @@ class UpdateStream:
         while True:
             item = self._queue.get()
             if previous is not None:  # the consumer asked for the next: it is done reading the last one
-                release = getattr(previous.weights, "release_pages", None)
+                release = getattr(getattr(previous, "weights", None), "release_pages", None)
                 if release is not None:
                     release()  # a received update's file pages (fedplug.wire.MappedState); still readable later
             if item is _END:
