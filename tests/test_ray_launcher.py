@@ -137,6 +137,21 @@ def test_a_cluster_that_cannot_hold_a_rounds_clients_is_refused_at_start_up(tmp_
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
+@needs_ray
+def test_clients_that_cannot_take_part_stop_the_run_at_once_saying_why(tmp_path):
+    """Every actor's client refuses to start (client.device=cuda without a GPU): no wait for ready_timeout_s."""
+    plugin = write_noop_plugin(tmp_path / "plugin")
+    proc = _fedplug(*RAY, *LIGHT, "launcher.client_resources.num_cpus=0.5", "run.num_clients=4", "run.min_clients=3",
+                    "run.clients_per_round=3", "run.rounds=1", "client.device=cuda", "server.ready_timeout_s=600",
+                    f"hydra.run.dir={tmp_path / 'run'}", tmp_path=tmp_path, timeout=300,
+                    env=_env(tmp_path, PYTHONPATH=str(plugin), CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "can still be started on Ray, run.min_clients=3" in proc.stdout
+    assert "no CUDA GPU is visible" in proc.stdout  # each failed client's last log line is shown
+    assert "became ready within server.ready_timeout_s" not in proc.stdout
+
+
 TINY_FRCNN = ["run.rounds=3", "run.num_clients=8", "run.min_clients=8", "run.clients_per_round=4",
               "resource_policy=always", "data.train_per_client=8", "data.test_per_client=4", "data.image_size=64",
               "model.min_size=64", "model.max_size=64", "train.local_epochs=1", "client.torch_threads=1",

@@ -84,10 +84,18 @@ class RayClientPool:
     """:class:`fedplug.pool.ClientPool` over Ray actors; built by :class:`RayClients`, used by the server."""
 
     def __init__(self, make_actor: Callable[[], Any], specs: Mapping[str, Mapping[str, Any]], capacity: int,
-                 ready: Callable[[], Sequence[str]], echo: Callable[[str], None] = print):
+                 ready: Callable[[], Sequence[str]], echo: Callable[[str], None] = print,
+                 log_dir: Path | None = None, min_clients: int = 1, abort: Callable[[str], None] | None = None):
         """``make_actor()`` creates one actor; ``specs`` maps client id to its data spec;
-        ``ready()`` gives the ids ready at the server now."""
+        ``ready()`` gives the ids ready at the server now; ``abort(reason)`` (the server's) stops
+        its wait for the first clients when fewer than ``min_clients`` can still be started."""
         self._make_actor = make_actor
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.min_clients = int(min_clients)
+        self._abort = abort
+        # until the first round asks for clients: a first-wave client that fails is replaced by the next one
+        self.warming = True
+        self._started_ids: set[str] = set()
         self.specs = {cid: dict(spec) for cid, spec in sorted(specs.items())}
         self._capacity = int(capacity)
         self._ready = ready
@@ -111,6 +119,7 @@ class RayClientPool:
         return sorted(s.client_id for s in self.slots if s.client_id is not None)
 
     async def ensure_ready(self, client_ids: Sequence[str], timeout: float) -> list[str]:
+        self.warming = False
         wanted = [cid for cid in client_ids if cid not in self.failed]
         keep = set(wanted)
         started = 0
@@ -140,6 +149,8 @@ class RayClientPool:
         return [cid for cid in client_ids if cid in ready]
 
     async def visit(self, client_ids: Sequence[str], collector: PhaseCollector, timeout: float) -> None:
+        self.warming = False
+
         def settled(cid: str) -> bool:
             return cid in collector.answers or cid in collector.given_up
 
@@ -195,6 +206,7 @@ class RayClientPool:
                 slot = _Slot(self._make_actor())
                 self.slots.append(slot)
         slot.client_id, slot.last_used = client_id, time.monotonic()
+        self._started_ids.add(client_id)
         ref = slot.handle.serve.remote(client_id, self.specs[client_id])
         slot.task = asyncio.get_running_loop().create_task(self._watch(slot, client_id, ref))
         self.starts += 1
@@ -212,6 +224,7 @@ class RayClientPool:
                 self.failed[client_id] = f"its Ray actor died for good: {str(exc).splitlines()[0]}"
                 self.statuses[client_id] = 1
                 self.echo(f"  client {client_id}: {self.failed[client_id]}")
+                await self._lost(client_id)
             return
         except Exception as exc:  # noqa: BLE001 - an error inside serve(): the client cannot run
             status = 1
@@ -224,6 +237,35 @@ class RayClientPool:
         self.statuses[client_id] = status
         if slot.client_id == client_id:
             slot.client_id, slot.task = None, None
+        if client_id in self.failed:
+            await self._lost(client_id)
+
+    async def _lost(self, client_id: str) -> None:
+        """A client that cannot be served again: show why, and before round 1 refill the first wave or give up."""
+        tail = self._log_tail(client_id)
+        if tail:
+            self.echo("    " + tail.replace("\n", "\n    "))
+        if not self.warming:
+            return  # as with local processes: the rounds go on with the clients that are left
+        left = self.client_ids()
+        if len(left) < self.min_clients:
+            if self._abort is not None:
+                self._abort(f"only {len(left)} of the {len(self.specs)} clients can still be started on Ray, "
+                            f"run.min_clients={self.min_clients}: {len(self.failed)} failed ({client_id}: "
+                            f"{self.failed[client_id]}; the clients' logs say why)")
+            return
+        following = next((cid for cid in left if cid not in self._started_ids), None)
+        if following is not None:
+            await self._start(following, keep=set())
+
+    def _log_tail(self, client_id: str, lines: int = 1) -> str:  # the client says why in its last line
+        if self.log_dir is None:
+            return ""
+        try:
+            text = (self.log_dir / f"{client_id}.out").read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
 
     async def _release(self, slot: _Slot, grace: float = 30.0) -> None:
         """Have the slot's client leave and wait for it; kill the actor if it does not within ``grace`` s."""
@@ -289,7 +331,8 @@ class RayClients:
                          logging_level="WARNING")
             else:
                 mb = int(self.node.object_store_mb)
-                ray.init(num_cpus=self.node.get("num_cpus"), num_gpus=self.node.get("num_gpus"),
+                # address="local": a new cluster of our own even when another runs on this machine
+                ray.init(address="local", num_cpus=self.node.get("num_cpus"), num_gpus=self.node.get("num_gpus"),
                          include_dashboard=bool(self.node.include_dashboard),
                          object_store_memory=mb * 1024 * 1024, log_to_driver=bool(self.node.log_to_driver),
                          logging_level="WARNING")
@@ -375,7 +418,9 @@ class RayClients:
         def make_actor():
             return actor_cls.options(**options).remote(server_url, client_options, threads, log_dir)
 
-        self.pool = RayClientPool(make_actor, self.specs, capacity, server.ready_clients, self.echo)
+        self.pool = RayClientPool(make_actor, self.specs, capacity, server.ready_clients, self.echo,
+                                  log_dir=Path(log_dir) if log_dir else None,
+                                  min_clients=int(self.cfg.run.min_clients), abort=server.abort)
         server.pool_of_clients = self.pool
         waves = capacity < len(self.specs)
         self.echo(f"Ray: {len(self.specs)} clients as actors ({shares} each) on a cluster with {held}: "
