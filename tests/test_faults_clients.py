@@ -138,6 +138,7 @@ def test_a_link_cut_for_30_s_mid_upload_ends_the_round_with_the_client_once_it_r
             _wait_for(lambda: events_file.exists() and any(e["event"] == "upload_started"
                                                              for e in read_events(events_file)),
                       240, "the upload to start")
+            time.sleep(3)  # a dozen 64 KiB chunks are acknowledged by now
             ip("-n", cli, "link", "set", dev, "down")  # the cable is pulled: no reset, nothing arrives
             cut_at = time.time()
             time.sleep(30)
@@ -154,5 +155,7 @@ def test_a_link_cut_for_30_s_mid_upload_ends_the_round_with_the_client_once_it_r
     update = next(e for e in events if e["event"] == "client_update")
     assert update["time"] - cut_at < 30 + 45, "the round waited past the link's return + the grace period"
     resumed = [e for e in events if e["event"] == "upload_resumed"]
-    assert resumed and resumed[0]["next_index"] > 0  # went on from where the cut stopped it
+    transfer = [(e["event"], round(e["time"] - cut_at, 1)) for e in events
+                if e["time"] > cut_at - 1]
+    assert resumed and resumed[0]["next_index"] > 0, (transfer, client_out)  # went on from where the cut stopped it
     assert "no heartbeat from the server" in client_out or "lost the server" in client_out
