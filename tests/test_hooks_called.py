@@ -41,13 +41,18 @@ def test_every_hook_is_called_in_a_real_round(tmp_path, monkeypatch):
     monkeypatch.setattr(client_module, "activate", lambda *a, **k: _monitor(real_activate(*a, **k), called))
     # the update filter the aggregator asks for is loaded by fedplug.update_filter, on the client
     monkeypatch.setattr(update_filter_module, "activate", lambda *a, **k: _monitor(real_activate(*a, **k), called))
+    # the codec (server and clients) is loaded by fedplug.codecs.open_codec through fedplug.plugins.activate
+    import fedplug.plugins as plugins_module
+
+    monkeypatch.setattr(plugins_module, "activate", lambda *a, **k: _monitor(real_activate(*a, **k), called))
 
     cfg = compose_cfg("run.rounds=1", "run.min_clients=2", "run.clients_per_round=2", "run.num_clients=2",
                       "resource_policy=cpu_load", "server.resource_max_attempts=1", "train.local_epochs=1",
                       "server.update_timeout_s=300", "server.eval_timeout_s=300",
                       # a DP aggregator with client-side clipping: its round settings make the clients
                       # call the dp_clip update filter, and the server asks it for its privacy mechanism
-                      "aggregator=dp_fedavg", "aggregator.clipping=client", "aggregator.noise_multiplier=0")
+                      "aggregator=dp_fedavg", "aggregator.clipping=client", "aggregator.noise_multiplier=0",
+                      "codec=fp16")  # a codec that encodes: its two hooks run on every update
     server_plugins = activate({"aggregator": "dp_fedavg", "detector": "frcnn", "resource_policy": "cpu_load"},
                               observers=False)
     observer = RecordingObserver()  # observer hooks are called one plugin at a time (see FederationServer._notify)

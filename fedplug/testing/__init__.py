@@ -40,7 +40,7 @@ import pytest
 # already, so its submodules are named one by one (naming the package would warn).
 pytest.register_assert_rewrite(*(
     f"fedplug.testing.{module}"
-    for module in ("aggregator", "checks", "codec", "data", "detector", "loading", "observer", "plugin",
+    for module in ("aggregator", "certs", "checks", "codec", "data", "detector", "loading", "observer", "plugin",
                    "resource_policy", "update_filter")
 ))
 
