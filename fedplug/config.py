@@ -137,6 +137,12 @@ def _check_security(cfg: Any, mode: str) -> None:
                           "its own clients, which do not know them: use server.token, or mode=server")
     if client.get("secret") and client.get("secret_file"):
         raise ConfigError("set client.secret or client.secret_file, not both")
+    for key in ("server.token", "server.status_token", "client.token", "client.secret"):
+        # the wire refuses what this would let through (fedplug/schemas.py Secret): say so at start-up
+        value = _get(cfg, key)
+        if value and not (len(str(value)) <= 256 and str(value).isprintable()):
+            raise ConfigError(f"{key} must be a string of at most 256 printable characters "
+                              "(no newlines or control characters), e.g. one from `openssl rand -hex 32`")
     _choice(cfg, "server.ssl_client_certs", ("none", "optional", "required"))
     _number(cfg, "server.handshake_timeout_s", 0.0, open_low=True)
     _int(cfg, "server.max_connections_per_address", 1)

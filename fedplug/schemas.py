@@ -147,7 +147,7 @@ Loss = Annotated[float, Field(ge=-MAX_LOSS, le=MAX_LOSS)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Seconds = Annotated[float, Field(ge=0.0, le=MAX_SECONDS)]
 Reason = Annotated[str, AfterValidator(_bounded_reason)]
-Secret = Annotated[str, Field(min_length=1, max_length=MAX_SECRET_LEN)]
+Secret = Annotated[str, Field(min_length=1, max_length=MAX_SECRET_LEN), AfterValidator(_printable)]
 Metrics = Annotated[Any, AfterValidator(_metrics)]
 Details = Annotated[Any, AfterValidator(_details)]
 Info = Annotated[Any, AfterValidator(_info)]
@@ -169,7 +169,7 @@ class _Message(BaseModel):
 class ClientWakeUp(_Message):
     client_id: ClientId
     protocol_version: Annotated[int, Field(ge=0, le=MAX_PROTOCOL_VERSION)]
-    token: Optional[Annotated[str, Field(max_length=MAX_SECRET_LEN)]] = None
+    token: Optional[Annotated[str, Field(max_length=MAX_SECRET_LEN), AfterValidator(_printable)]] = None
     info: Optional[Info] = None
 
 

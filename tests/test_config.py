@@ -61,6 +61,8 @@ def test_default_config_is_valid_and_names_the_embedded_federation():
         ("eval.device=tpu", "eval.device"),
         ("eval.clients=some", "eval.clients"),
         ("eval.clients=0", "eval.clients"),
+        ("server.token='a\tb'", "server.token"),  # the wire refuses a control character in a secret
+        ("client.secret=" + "x" * 257, "client.secret"),
     ],
 )
 def test_wrong_values_fail_naming_the_key(override, key):

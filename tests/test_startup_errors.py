@@ -4,8 +4,11 @@ Each case runs ``python -m fedplug`` as a user would and checks the exit status
 (2) and that the whole output is the one line saying what is wrong and how to
 fix it, with no "Traceback" and no Hydra "Error executing job".
 
-Permission cases need a user that permissions apply to: as root they run the
-command as ``nobody`` (setpriv), elsewhere as the current user; read-only file
+Permission cases need a process that permission bits stop: as root they run the
+command as root with every capability dropped (setpriv), so the owner's bits
+apply to it as to an ordinary user while the checkout and the interpreter stay
+readable wherever they are (running as ``nobody`` failed in a fresh clone whose
+folders nobody could not enter); elsewhere as the current user. Read-only file
 systems are real ones (a tmpfs mounted read-only), skipped where mounting is
 refused.
 """
@@ -23,14 +26,13 @@ import pytest
 
 pytestmark = pytest.mark.faults
 
-NOBODY = 65534
+# root keeps its uid (so it can read the checkout) but loses CAP_DAC_OVERRIDE and the rest
+NO_CAPABILITIES = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all"]
 
 
-def _fedplug(*args: str, cwd: Path, as_nobody: bool = False, timeout: float = 180) -> subprocess.CompletedProcess:
+def _fedplug(*args: str, cwd: Path, restricted: bool = False, timeout: float = 180) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1", HOME=str(cwd), FEDPLUG_CACHE=str(cwd / "cache"))
-    prefix = []
-    if as_nobody:
-        prefix = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    prefix = NO_CAPABILITIES if restricted else []
     return subprocess.run([*prefix, sys.executable, "-m", "fedplug", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -46,23 +48,18 @@ def _one_line(proc: subprocess.CompletedProcess, *words: str) -> str:
 
 
 def _restricted(tmp_path: Path) -> bool:
-    """Whether permission bits will stop the fedplug process: True as an ordinary user or as nobody."""
+    """Whether the fedplug process must drop capabilities for permission bits to stop it (True as root)."""
     if os.geteuid() != 0:
         return False
     if shutil.which("setpriv") is None:
         pytest.skip("running as root without setpriv: permission bits cannot stop this process")
-    # nobody must reach the interpreter, fedplug and the test's folder
-    for p in [tmp_path, *tmp_path.parents]:
-        if p == Path("/"):
-            break
-        os.chmod(p, os.stat(p).st_mode | 0o011)
-    run_dir = tmp_path / "run"  # the run directory itself is the one place nobody may write
-    run_dir.mkdir()
-    os.chown(run_dir, NOBODY, NOBODY)
-    probe = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable,
-                            "-c", "import fedplug.app"], capture_output=True, text=True, timeout=60)
-    if probe.returncode != 0:
-        pytest.skip(f"nobody cannot run this interpreter here: {probe.stderr.strip()[-200:]}")
+    probe_dir = tmp_path / "probe"
+    probe_dir.mkdir(mode=0o555)
+    probe = subprocess.run([*NO_CAPABILITIES, sys.executable, "-c",
+                            f"import os, fedplug.app; os.mkdir({str(probe_dir / 'x')!r})"],
+                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    if "PermissionError" not in probe.stderr:
+        pytest.skip(f"dropping capabilities does not make permission bits apply here: {probe.stderr.strip()[-200:]}")
     return True
 
 
@@ -111,11 +108,11 @@ def test_multirun_sweep_dir_below_a_file(tmp_path):
 
 
 def test_run_dir_without_permission(tmp_path):
-    nobody = _restricted(tmp_path)
+    restricted = _restricted(tmp_path)
     locked = tmp_path / "locked"
     locked.mkdir()
     os.chmod(locked, 0o555)
-    proc = _fedplug("mode=server", f"hydra.run.dir={locked / 'run'}", cwd=tmp_path, as_nobody=nobody)
+    proc = _fedplug("mode=server", f"hydra.run.dir={locked / 'run'}", cwd=tmp_path, restricted=restricted)
     _one_line(proc, f"the run directory {locked / 'run'} cannot be created (Permission denied)", "hydra.run.dir=")
 
 
@@ -144,27 +141,27 @@ def test_existing_run_dir_whose_event_log_cannot_be_opened(tmp_path):
 def test_unreadable_server_side_data(tmp_path):
     from fedplug.data.synthetic import generate_synthetic_federation
 
-    nobody = _restricted(tmp_path)
+    restricted = _restricted(tmp_path)
     sites = tmp_path / "sites"
     generate_synthetic_federation(sites, num_clients=1, train_per_client=2, test_per_client=1, image_size=64, seed=0)
     os.chmod(sites, 0)  # the server reads data.root for the class names (mode=server) or to share it out
     try:
         proc = _fedplug("mode=server", "data=voc", f"data.root={sites}", f"hydra.run.dir={tmp_path / 'run'}",
-                        cwd=tmp_path, as_nobody=nobody)
+                        cwd=tmp_path, restricted=restricted)
     finally:
         os.chmod(sites, 0o755)
     _one_line(proc, f"data error: cannot read {sites}", "Permission denied", "data.*")
 
 
 def test_unreadable_previous_run(tmp_path):
-    nobody = _restricted(tmp_path)
+    restricted = _restricted(tmp_path)
     previous = tmp_path / "previous"
     (previous / "checkpoints").mkdir(parents=True)
     (previous / "checkpoints" / "manifest.json").write_text("{}")
-    os.chmod(previous / "checkpoints", 0o700 if nobody else 0)
+    os.chmod(previous / "checkpoints", 0)
     try:
         proc = _fedplug("mode=server", f"run.resume={previous}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
-                        as_nobody=nobody)
+                        restricted=restricted)
     finally:
         os.chmod(previous / "checkpoints", 0o755)
     _one_line(proc, f"cannot start: run.resume={previous}: cannot read", "(Permission denied)")
