@@ -116,8 +116,13 @@ async def _watch(tmp_path: Path, playwright_api) -> dict:
                     "[...document.querySelectorAll('#clients tbody tr')].map(r => [r.dataset.client, r.dataset.state])")
                 result["events_rows"] = await page.locator("#events tbody tr").count()
                 await page.check("#per-client")  # per-client curves on demand
-                result["per_client_paths"] = await page.locator(
-                    "#chart-quality path[data-series$=' mAP@0.5']").count()
+                per_client = "#chart-quality path[data-series$=' mAP@0.5']"
+                try:  # drawn on the next animation frame, which a loaded machine delays: wait for it, bounded
+                    await page.wait_for_function(f"document.querySelectorAll({per_client!r}).length >= 2",
+                                                 timeout=15_000)
+                except playwright_api.TimeoutError:
+                    pass  # the count below says what was drawn
+                result["per_client_paths"] = await page.locator(per_client).count()
                 stopped = True
                 await server.stop()  # as the app does after the run: the page is told, and keeps the last state
                 await until("document.getElementById('connection').classList.contains('conn-ended')",
