@@ -29,6 +29,8 @@ from fedplug import tls
 from fedplug import transfer
 from fedplug.codecs import ActiveCodec, open_codec
 from fedplug.plugins import activate
+from fedplug.secagg.protocol import SecAggError
+from fedplug.secagg.run import ClientSessions
 from fedplug.evaluation import eval_settings_from
 from fedplug.types import EvalResult, ResourceReport, TrainResult, TrainSettings
 from fedplug.update_filter import apply_update_filter
@@ -146,6 +148,7 @@ class FederationClient:
         self.activate_plugins = activate
         self.open_codec = open_codec  # how this client loads the codec named in init.codec
         self.codec: ActiveCodec | None = None  # encodes each round's update (init.codec; none by default)
+        self.secure = ClientSessions(self.client_id)  # this round's SecAgg+ keys and shares (secagg_* events)
         self._register_handlers()
 
     # ------------------------------------------------------------------ connection
@@ -311,6 +314,12 @@ class FederationClient:
         async def stop_and_eval(data):
             self._spawn(self._on_stop_and_eval(data))
 
+        for request_event, answer_event, method in (
+                (P.SECAGG_SETUP, P.SECAGG_KEYS, self.secure.on_setup),
+                (P.SECAGG_PEER_KEYS, P.SECAGG_SHARES, self.secure.on_peer_keys),
+                (P.SECAGG_UNMASK, P.SECAGG_UNMASK_SHARES, self.secure.on_unmask)):
+            sio.on(request_event, self._secagg_responder(answer_event, method))
+
         @sio.on(P.RUN_FINISHED)
         async def run_finished(data):
             self.echo(f"[{self.client_id}] run finished: {(data or {}).get('reason', '')}")
@@ -327,6 +336,22 @@ class FederationClient:
             self.echo(f"[{self.client_id}] the server rejected {data.get('event')}: {data.get('reason')}")
 
     # ------------------------------------------------------------------ handlers
+
+    def _secagg_responder(self, answer_event: str, method):
+        """Answer one of the server's ``secagg_*`` requests (key agreement and Shamir sharing: off the loop)."""
+        async def respond(data):
+            async def work():
+                msg = data if isinstance(data, dict) else {}
+                try:
+                    answer = await self._offload(method, msg)
+                except (SecAggError, KeyError, TypeError, ValueError) as exc:
+                    self.echo(f"[{self.client_id}] secure aggregation: cannot answer {answer_event}: {exc}")
+                    answer = self.secure.refusal(msg, exc)
+                await self._send(answer_event, answer)
+
+            self._spawn(work())
+
+        return respond
 
     def _setup(self, message: dict) -> tuple[int, int]:
         """Build the detector the server named and open the local data (worker thread)."""
@@ -406,7 +431,7 @@ class FederationClient:
             "details": {"kind": report.kind, **numeric_metrics(report.details)},
         })
 
-    def _train(self, rnd: int, weights: bytes, settings: dict) -> dict:
+    def _train(self, rnd: int, weights: bytes, settings: dict, secagg: Mapping | None = None) -> dict:
         t0 = time.monotonic()
         try:
             global_state = self._load_global(weights)
@@ -423,7 +448,15 @@ class FederationClient:
                 reason = result.reason or f"non-finite training loss {loss}"
                 return {"round_number": rnd, "ok": False, "train_size": 0, "train_loss": 0.0, "reason": reason}
             result = apply_update_filter(result, global_state, ts)  # what the aggregator asked for (clip, DP noise)
-            weights = (self.codec or self._use_codec(None)).encode(result.weights, global_state)
+            if secagg is not None:  # the server gets n * (w - w_global) and n, masked: never the weights
+                num_examples = min(int(result.num_examples), len(self.data.train))
+                weights = self.secure.masked_upload(secagg, result.weights, global_state, num_examples)
+            else:
+                weights = (self.codec or self._use_codec(None)).encode(result.weights, global_state)
+        except SecAggError as exc:
+            log.exception("round %d: secure aggregation failed", rnd)
+            return {"round_number": rnd, "ok": False, "train_size": 0, "train_loss": 0.0,
+                    "reason": f"secure aggregation: {exc}"}
         except (HookFailed, WireError, AttributeError, TypeError, ValueError) as exc:  # a failed round, not a dead client
             log.exception("round %d: training failed", rnd)
             return {"round_number": rnd, "ok": False, "train_size": 0, "train_loss": 0.0,
@@ -477,7 +510,8 @@ class FederationClient:
         else:
             async with self.work_lock:
                 self.echo(f"[{self.client_id}] round {rnd}: training")
-                answer = await self._offload(self._train, rnd, weights, data.get("settings") or {})
+                answer = await self._offload(self._train, rnd, weights, data.get("settings") or {},
+                                             data.get("secagg"))
             blob = answer.pop("weights", None)
         if not answer["ok"]:
             self.echo(f"[{self.client_id}] round {rnd}: training failed: {answer['reason']}")

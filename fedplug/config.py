@@ -114,6 +114,7 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"eval.clients must be all, round or a number of clients >= 1, got {evaluators!r}")
     _check_views(cfg)
     _check_security(cfg, mode)
+    _check_secagg(cfg)
     if mode == "embedded":
         from fedplug.launchers import check_launcher_config
 
@@ -124,6 +125,23 @@ def validate(cfg: Any) -> None:
     if mode == "client" and not _get(cfg, "client.data.path"):
         raise ConfigError("client.data.path is not set: point it at this client's dataset, "
                           "e.g. client.data.path=/data/site1 (a Pascal-VOC folder)")
+
+
+def _check_secagg(cfg: Any) -> None:
+    """secagg.* (fedplug/secagg/run.py): secure aggregation needs a mean-based aggregator and no codec."""
+    from omegaconf import OmegaConf
+
+    from fedplug.secagg.run import check_config
+
+    secagg = cfg.get("secagg")
+    if secagg is None:
+        return
+    codec = cfg.get("codec")
+    codec_name = str(codec.get("name", "none")) if codec is not None else "none"
+    problem = check_config(OmegaConf.to_container(secagg) if OmegaConf.is_config(secagg) else dict(secagg),
+                           str(_get(cfg, "aggregator.name")), codec_name, int(_get(cfg, "run.clients_per_round")))
+    if problem:
+        raise ConfigError(problem)
 
 
 def _check_security(cfg: Any, mode: str) -> None:

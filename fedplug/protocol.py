@@ -31,10 +31,20 @@ BEGIN_UPLOAD = "begin_upload"
 UPLOAD_CHUNK = "upload_chunk"
 FETCH_CHUNK = "fetch_chunk"
 TRANSFER_EVENTS = (BEGIN_UPLOAD, UPLOAD_CHUNK, FETCH_CHUNK)
+# secure aggregation (secagg.enabled; fedplug/secagg/run.py, docs/protocol.md "Secure aggregation")
+SECAGG_SETUP = "secagg_setup"  # server -> client: this round's session, your neighbours, the threshold
+SECAGG_KEYS = "secagg_keys"  # client -> server: two X25519 public keys
+SECAGG_PEER_KEYS = "secagg_peer_keys"  # server -> client: your neighbours' public keys
+SECAGG_SHARES = "secagg_shares"  # client -> server: one sealed envelope of Shamir shares per neighbour
+SECAGG_UNMASK = "secagg_unmask"  # server -> client: the survivors (their masked input arrived)
+SECAGG_UNMASK_SHARES = "secagg_unmask_shares"  # client -> server: the shares that remove the masks
+SECAGG_CLIENT_EVENTS = (SECAGG_KEYS, SECAGG_SHARES, SECAGG_UNMASK_SHARES)
+SECAGG_SERVER_EVENTS = (SECAGG_SETUP, SECAGG_PEER_KEYS, SECAGG_UNMASK)
 
 CLIENT_EVENTS = (CLIENT_WAKE_UP, CLIENT_READY, CHECK_CLIENT_RESOURCE_DONE, CLIENT_UPDATE, CLIENT_EVAL,
-                 *TRANSFER_EVENTS)
-SERVER_EVENTS = (INIT, CHECK_CLIENT_RESOURCE, REQUEST_UPDATE, STOP_AND_EVAL, RUN_FINISHED, PROTOCOL_ERROR)
+                 *TRANSFER_EVENTS, *SECAGG_CLIENT_EVENTS)
+SERVER_EVENTS = (INIT, CHECK_CLIENT_RESOURCE, REQUEST_UPDATE, STOP_AND_EVAL, RUN_FINISHED, PROTOCOL_ERROR,
+                 *SECAGG_SERVER_EVENTS)
 
 MAX_CLIENT_ID_LEN = 128
 MAX_METRICS = 64  # client_update.metrics: at most this many entries ...
@@ -109,6 +119,28 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     FETCH_CHUNK: {
         "weights_id": (_STR, True),
         "index": (_INT, True),
+    },
+    SECAGG_KEYS: {
+        "round_number": (_INT, True),
+        "session": (_STR, True),
+        "ok": (_BOOL, True),
+        "c_pk": (_BYTES, False),  # required when ok
+        "s_pk": (_BYTES, False),
+        "reason": (_STR, False),
+    },
+    SECAGG_SHARES: {
+        "round_number": (_INT, True),
+        "session": (_STR, True),
+        "ok": (_BOOL, True),
+        "envelopes": (_DICT, False),  # neighbour id -> bytes; required when ok
+        "reason": (_STR, False),
+    },
+    SECAGG_UNMASK_SHARES: {
+        "round_number": (_INT, True),
+        "session": (_STR, True),
+        "ok": (_BOOL, True),
+        "shares": (_DICT, False),  # client id -> {kind: "b" | "s", x: int, y: bytes}; required when ok
+        "reason": (_STR, False),
     },
 }
 

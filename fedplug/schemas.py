@@ -22,7 +22,7 @@ Every bound is a constant below, listed in ``docs/protocol.md``.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Mapping, Optional
+from typing import Annotated, Any, Literal, Mapping, Optional
 
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
@@ -224,6 +224,58 @@ class FetchChunk(_Message):
     index: ChunkIndex
 
 
+SessionId = Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
+PublicKey = Annotated[bytes, Field(min_length=32, max_length=32)]  # X25519, raw
+MAX_ENVELOPE_BYTES = 512  # one sealed pair of Shamir shares is 2 + 2 * 66 + 16 = 150 bytes
+MAX_SHARE_BYTES = 66  # a share's y over GF(2^521 - 1)
+MAX_SECAGG_PEERS = 10_000  # envelopes or shares in one message (at most the neighbourhood)
+
+
+class _SecAggAnswer(_Message):
+    round_number: RoundNumber
+    session: SessionId
+    ok: StrictBool
+    reason: Optional[Reason] = None
+
+
+class SecAggKeys(_SecAggAnswer):
+    c_pk: Optional[PublicKey] = None
+    s_pk: Optional[PublicKey] = None
+
+    @model_validator(mode="after")
+    def _keys_when_ok(self) -> "SecAggKeys":
+        if self.ok and (self.c_pk is None or self.s_pk is None):
+            raise ValueError("ok=true requires c_pk and s_pk (32 raw bytes each)")
+        return self
+
+
+class SecAggShares(_SecAggAnswer):
+    envelopes: Optional[Annotated[dict[ClientId, Annotated[bytes, Field(min_length=1, max_length=MAX_ENVELOPE_BYTES)]],
+                                  Field(max_length=MAX_SECAGG_PEERS)]] = None
+
+    @model_validator(mode="after")
+    def _envelopes_when_ok(self) -> "SecAggShares":
+        if self.ok and self.envelopes is None:
+            raise ValueError("ok=true requires envelopes (neighbour id -> bytes)")
+        return self
+
+
+class UnmaskShare(_Message):
+    kind: Literal["b", "s"]
+    x: Annotated[int, Field(ge=1, le=MAX_SECAGG_PEERS)]
+    y: Annotated[bytes, Field(min_length=MAX_SHARE_BYTES, max_length=MAX_SHARE_BYTES)]
+
+
+class SecAggUnmaskShares(_SecAggAnswer):
+    shares: Optional[Annotated[dict[ClientId, UnmaskShare], Field(max_length=MAX_SECAGG_PEERS)]] = None
+
+    @model_validator(mode="after")
+    def _shares_when_ok(self) -> "SecAggUnmaskShares":
+        if self.ok and self.shares is None:
+            raise ValueError("ok=true requires shares (client id -> {kind, x, y})")
+        return self
+
+
 def _total_entries(data: Any, field: str) -> int:
     rows = data.get(field) if isinstance(data, Mapping) else None
     if not isinstance(rows, list):
@@ -304,6 +356,9 @@ MODELS: dict[str, type[_Message]] = {
     P.BEGIN_UPLOAD: BeginUpload,
     P.UPLOAD_CHUNK: UploadChunk,
     P.FETCH_CHUNK: FetchChunk,
+    P.SECAGG_KEYS: SecAggKeys,
+    P.SECAGG_SHARES: SecAggShares,
+    P.SECAGG_UNMASK_SHARES: SecAggUnmaskShares,
 }
 AUTH = "connect"  # the event name parse_auth's errors carry
 

@@ -41,6 +41,8 @@ from fedplug.outputs import EventLog, RunOutputs, format_table, load_resume_poin
 from fedplug.plugins import ActivePlugins
 from fedplug.security import (AuthFailed, Authenticator, ConnectionCounter, Credentials, FailedAttemptLimiter,
                               Identity, loose_permissions)
+from fedplug.secagg.protocol import SecAggError
+from fedplug.secagg.run import SecureRound, masked_size_bound
 from fedplug.socket_guard import EdgeLimits, GuardedServer
 from fedplug.transfer import DEFAULT_CHUNK_BYTES, Downloads, TransferError, Uploads
 from fedplug.server_hooks import PluginFailed, call, dry_run, is_decision, is_round_settings, model_checker
@@ -205,10 +207,16 @@ class FederationServer:
         self.chunk_bytes = int(float(self.server_cfg.get("chunk_kb", DEFAULT_CHUNK_BYTES // 1024)) * 1024)
         self.downloads = Downloads(self.chunk_bytes)
         # uploads spill to files under the run directory: server memory stays flat in the number of clients
-        self.uploads = Uploads(self.chunk_bytes, max_bytes=_encoded_size_bound(self.global_weights),
-                               spill_dir=self.run_dir / ".uploads")
-        # answer event -> (request event, payload) of the open phase, re-sent to a client that rejoins owing it
-        self.phase_requests: dict[str, tuple[str, dict]] = {}
+        # secure aggregation (secagg.enabled): the open round's SecAgg+ session, None between rounds or when off
+        self.secagg_cfg = dict(_plain(cfg.get("secagg") or {}))
+        self.secure: SecureRound | None = None
+        upload_bound = _encoded_size_bound(self.global_weights)
+        if self.secagg_cfg.get("enabled"):
+            upload_bound = max(upload_bound, masked_size_bound(self.global_weights))
+        self.uploads = Uploads(self.chunk_bytes, max_bytes=upload_bound, spill_dir=self.run_dir / ".uploads")
+        # answer event -> (request event, payload or cid -> payload) of the open phase, re-sent to a client that
+        # rejoins owing it
+        self.phase_requests: dict[str, tuple[str, Any]] = {}
         self.eval_place = resolve_place(str(cfg.eval.get("on", "auto")), held_out is not None, clients_have_test)
         self.held_out: HeldOutEvaluator | None = None
         if held_out is not None and self.eval_place in ("server", "both"):
@@ -371,7 +379,8 @@ class FederationServer:
                                (P.CHECK_CLIENT_RESOURCE_DONE, self._on_resource_done),
                                (P.CLIENT_UPDATE, self._on_update), (P.CLIENT_EVAL, self._on_eval),
                                (P.BEGIN_UPLOAD, self._on_begin_upload), (P.UPLOAD_CHUNK, self._on_upload_chunk),
-                               (P.FETCH_CHUNK, self._on_fetch_chunk)):
+                               (P.FETCH_CHUNK, self._on_fetch_chunk),
+                               *((e, self._secagg_handler(e)) for e in P.SECAGG_CLIENT_EVENTS)):
             sio.on(event, self._one_payload(event, handler))
 
         @sio.on("*")
@@ -518,6 +527,7 @@ class FederationServer:
             "resource_policy": self.policy_cfg,
             "eval": dict(_plain(self.cfg.eval), on=self.eval_place),
             "codec": self.codec.config,  # encode client_update with it (docs/protocol.md, "Update codecs")
+            "secagg": bool(self.secagg_cfg.get("enabled")),  # rounds run secagg_* (docs/protocol.md)
         })
 
     def _forget_idle_clients(self) -> None:
@@ -565,7 +575,7 @@ class FederationServer:
                 continue
             self.echo(f"  client {cid} rejoined owing {answer_event} for round {collector.round_number}; "
                       f"sending {request_event} again")
-            await self._emit(request_event, cid, payload)
+            await self._emit(request_event, cid, payload(cid) if callable(payload) else payload)
 
     async def _on_resource_done(self, sid: str, data: Any = None) -> None:
         cid = self._client_of(sid)
@@ -681,6 +691,8 @@ class FederationServer:
             await self._reject(sid, P.CLIENT_UPDATE, "train_size must be positive (and at most the num_train "
                                "declared in client_ready)", cid, rnd)
             return collector.settle(cid, {"accepted": False, "reason": "train_size <= 0"})
+        if self.secure is not None:
+            return await self._take_masked(sid, cid, msg, received, collector, size)
         collector.begin_work()
         stream = self.stream
         try:
@@ -710,6 +722,109 @@ class FederationServer:
                       f"loss {update.train_loss:.4f}, {size / 1e6:.1f} MB")
         finally:
             collector.end_work()
+
+    async def _take_masked(self, sid: str, cid: str, msg: dict, received: Path | None, collector: PhaseCollector,
+                           size: int) -> None:
+        """A secure round's update: the masked input goes into the running sum, and is not kept."""
+        secure = self.secure
+        collector.begin_work()
+        try:
+            async with self._decode_slot:
+                await self._offload(secure.take_masked, cid, received or msg["weights"])
+        except SecAggError as exc:
+            self.echo(f"  rejected masked update from {cid}: {exc}")
+            await self._reject(sid, P.CLIENT_UPDATE, f"update rejected: {exc}", cid, msg["round_number"])
+            self.events.write("update_rejected", "in", msg["round_number"], cid, reason=str(exc))
+            collector.settle(cid, {"accepted": False, "reason": str(exc)})
+        else:
+            # the weight inside the masked input is the client's own n; this figure is only for the records
+            train_size = self._capped(cid, msg["round_number"], "train_size", msg["train_size"],
+                                      self.clients[cid].num_train, "num_train")
+            collector.settle(cid, {"accepted": True, "train_size": max(1, train_size),
+                                   "train_loss": float(msg["train_loss"]), "seconds": msg.get("seconds")})
+            done = sum(1 for a in collector.values().values() if a.get("accepted"))
+            self.echo(f"    masked update {done}/{len(collector.expected)} from {cid}, {size / 1e6:.1f} MB")
+        finally:
+            collector.end_work()
+
+    def _secagg_handler(self, event: str):
+        """The handler of one of the clients' ``secagg_*`` answers: parse, admit, pass to the round's session."""
+        take = {P.SECAGG_KEYS: "take_keys", P.SECAGG_SHARES: "take_shares", P.SECAGG_UNMASK_SHARES: "take_unmask"}[event]
+
+        async def handle(sid: str, data: Any = None) -> None:
+            cid = self._client_of(sid)
+            try:
+                msg = S.parse(event, data)
+            except P.ProtocolError as exc:
+                return await self._reject(sid, event, str(exc), cid)
+            rnd = msg["round_number"]
+            self.events.write(event, "in", rnd, cid, ok=msg["ok"])
+            collector, reason = self._admit(event, cid, rnd)
+            secure = self.secure
+            if not reason and (secure is None or msg["session"] != secure.session):
+                reason = f"{event}: session {msg['session']} is not this round's"
+            if reason:
+                return await self._reject(sid, event, reason, cid, rnd)
+            if not msg["ok"]:
+                self.echo(f"  client {cid} left the secure aggregation: {msg.get('reason', 'no reason given')}")
+                return collector.settle(cid, {"accepted": False, "reason": msg.get("reason", "")})
+            try:
+                getattr(secure, take)(cid, msg)
+            except SecAggError as exc:
+                await self._reject(sid, event, str(exc), cid, rnd)
+                return collector.settle(cid, {"accepted": False, "reason": str(exc)})
+            collector.settle(cid, {"accepted": True})
+
+        return handle
+
+    async def _secagg_phase(self, rnd: int, answer_event: str, request_event: str, clients: list[str],
+                            request_for) -> list[str]:
+        """Send ``request_event`` to ``clients`` and wait (``secagg.timeout_s``); the ones whose answer was taken."""
+        collector = PhaseCollector(answer_event, rnd, set(clients))
+        self.collectors[answer_event] = collector
+        self.phase_requests[answer_event] = (request_event, request_for)
+        for cid in clients:
+            await self._emit(request_event, cid, request_for(cid))
+        await collector.wait(float(self.secagg_cfg.get("timeout_s", 120)))
+        self._close(answer_event)
+        return sorted(cid for cid, a in collector.values().items() if a.get("accepted"))
+
+    async def _secagg_share_keys(self, rnd: int, selected: list[str]) -> list[str]:
+        """Rounds 1 and 2 of SecAgg+ among ``selected``: the clients that shared their keys (they train next)."""
+        secure = self.secure = SecureRound(rnd, selected, self.global_weights, self.secagg_cfg)
+        self.phase = f"round {rnd}: secure aggregation keys"
+        self.echo(f"  secure aggregation: {len(selected)} client(s), threshold {secure.threshold}, "
+                  f"session {secure.session}")
+        advertised = await self._secagg_phase(rnd, P.SECAGG_KEYS, P.SECAGG_SETUP, selected, secure.setup_for)
+        if len(advertised) < secure.threshold + 1:
+            raise RunFailed(f"secure aggregation: {len(advertised)} client(s) advertised keys; at least "
+                            f"{secure.threshold + 1} are needed (secagg.threshold + 1)")
+        shared = await self._secagg_phase(rnd, P.SECAGG_SHARES, P.SECAGG_PEER_KEYS, advertised,
+                                          secure.peer_keys_for)
+        if len(shared) < secure.threshold + 1:
+            raise RunFailed(f"secure aggregation: {len(shared)} client(s) shared their keys; at least "
+                            f"{secure.threshold + 1} are needed (secagg.threshold + 1)")
+        self.events.write("secagg_keys_shared", "out", rnd, None, clients=len(shared), session=secure.session)
+        return shared
+
+    async def _secagg_aggregate(self, rnd: int, survivors: list[str], start_weights, state: dict):
+        """Round 4 of SecAgg+ and the aggregation of the unmasked mean: ``(weights, error)`` like :meth:`_aggregate`."""
+        secure = self.secure
+        if len(survivors) < secure.threshold:
+            return None, f"{len(survivors)} masked update(s); secure aggregation needs {secure.threshold}"
+        self.phase = f"round {rnd}: secure aggregation unmasking"
+        await self._secagg_phase(rnd, P.SECAGG_UNMASK_SHARES, P.SECAGG_UNMASK, survivors,
+                                 lambda cid: secure.unmask_request())
+        try:
+            mean, count = await self._offload(secure.mean, start_weights)
+        except SecAggError as exc:
+            return None, f"secure aggregation could not unmask the sum: {exc}"
+        self.events.write("secagg_unmasked", "out", rnd, None, clients=len(survivors), examples=count)
+        stream = UpdateStream()  # the aggregator sees the round's mean as its one update
+        stream.put(ClientUpdate("secagg", rnd, mean, count, 0.0))
+        stream.close()
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self._aggregate, start_weights, stream,
+                                                                rnd, state)
 
     async def _on_eval(self, sid: str, data: Any = None) -> None:
         cid = self._client_of(sid)
@@ -902,6 +1017,9 @@ class FederationServer:
         self.echo(f"round {rnd}/{rounds}: resource check on {len(contacted)} client(s) "
                   f"[{self.policy_cfg.get('name')}]")
         selected = await self._resource_check(rnd, contacted)
+        self.secure = None
+        if self.secagg_cfg.get("enabled"):
+            selected = await self._secagg_share_keys(rnd, selected)
         settings = dict(_plain(self.cfg.train))
         extra = call(self.plugins, "aggregator", "fedplug_aggregator_round_settings", is_round_settings,
                      round_number=rnd, config=self.aggregator_cfg)
@@ -918,20 +1036,29 @@ class FederationServer:
         collector = PhaseCollector(P.CLIENT_UPDATE, rnd, set(selected))
         self.collectors[P.CLIENT_UPDATE] = collector
         work_state = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in self.aggregator_state.items()}
-        aggregation = asyncio.get_running_loop().run_in_executor(
-            self.pool, self._aggregate, round_start_weights, stream, rnd, work_state)
+        secure = self.secure
+        if secure is None:  # FedAvg and friends consume the updates as they arrive
+            aggregation = asyncio.get_running_loop().run_in_executor(
+                self.pool, self._aggregate, round_start_weights, stream, rnd, work_state)
         self.phase = f"round {rnd}: training"
         self._notify("fedplug_round_start", round_number=rnd, client_ids=list(selected))
         request = {"round_number": rnd, "model_id": str(self.model_cfg.get("name")),
                    "settings": settings, "weights": blob}
-        self.phase_requests[P.CLIENT_UPDATE] = (P.REQUEST_UPDATE, request)
+        request_for = (lambda cid: request) if secure is None else \
+            (lambda cid: {**request, "secagg": secure.envelopes_for(cid)})  # each one's envelopes
+        self.phase_requests[P.CLIENT_UPDATE] = (P.REQUEST_UPDATE, request_for)
         for cid in selected:
-            await self._emit(P.REQUEST_UPDATE, cid, request)
+            await self._emit(P.REQUEST_UPDATE, cid, request_for(cid))
         await collector.wait(float(self.server_cfg.update_timeout_s))
         self._close(P.CLIENT_UPDATE)
         self.stream = None
         stream.close()
-        new_weights, agg_error = await aggregation
+        if secure is None:
+            new_weights, agg_error = await aggregation
+        else:
+            survivors = sorted(cid for cid, a in collector.values().items() if a.get("accepted"))
+            new_weights, agg_error = await self._secagg_aggregate(rnd, survivors, round_start_weights, work_state)
+            self.secure = None
         if isinstance(agg_error, PluginFailed):
             raise agg_error
         answers = collector.values()

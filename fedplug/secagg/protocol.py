@@ -258,7 +258,9 @@ class SecAggServer:
 
 
 def float_names(template: Mapping[str, torch.Tensor]) -> list[str]:
-    return [n for n, t in template.items() if t.is_floating_point()]
+    """The floating tensors' names in sorted order: both sides lay the vector out the same, whatever each
+    one's dict order (a state dict's, a decoded safetensors file's)."""
+    return sorted(n for n, t in template.items() if t.is_floating_point())
 
 
 def fedavg_input(weights: Mapping[str, torch.Tensor], global_weights: Mapping[str, torch.Tensor],
@@ -278,13 +280,12 @@ def fedavg_from_sum(total: np.ndarray, global_weights: Mapping[str, torch.Tensor
     count = float(total[-1])
     if count <= 0:
         raise SecAggError("the unmasked example count is not positive")
-    out, offset = {}, 0
-    for name, g in global_weights.items():
-        if not g.is_floating_point():
-            out[name] = g.detach().clone()  # integer buffers are not aggregated through SecAgg
-            continue
+    out = {name: g.detach().clone() for name, g in global_weights.items() if not g.is_floating_point()}
+    offset = 0  # integer buffers (BatchNorm's counters) are not aggregated through SecAgg: kept
+    for name in float_names(global_weights):
+        g = global_weights[name]
         n = g.numel()
         delta = torch.from_numpy(total[offset:offset + n] / count).reshape(g.shape)
         out[name] = (g.detach().double() + delta).to(g.dtype)
         offset += n
-    return out
+    return {name: out[name] for name in global_weights}

@@ -1,0 +1,235 @@
+"""SecAgg+ inside a run: what the server and each client do with the ``secagg_*`` events of one round.
+
+``protocol.py`` holds the cryptography as pure state machines; this module binds
+them to the wire (docs/protocol.md, "Secure aggregation") and to FedAvg:
+
+* :class:`SecureRound` -- the server's side of one round.  It relays public keys
+  and sealed envelopes, adds each masked input (a safetensors file holding one
+  ``uint64`` tensor, uploaded like a model) into a running sum without keeping
+  it, and unmasks only the sum, from which :meth:`SecureRound.mean` makes the
+  FedAvg mean.  The server's aggregator then sees that mean as the round's one
+  update: it never holds an individual client's update.
+* :class:`ClientSessions` -- a client's side: one :class:`SecAggClient` per
+  round, answering each server request with the message the protocol asks for.
+
+Settings (``secagg.*`` in conf/config.yaml) are checked by :func:`check_config`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from cryptography.exceptions import InvalidTag
+from safetensors import SafetensorError
+from safetensors.numpy import load as st_load
+from safetensors.numpy import load_file as st_load_file
+from safetensors.numpy import save as st_save
+
+from fedplug.secagg.masking import DEFAULT_FRAC_BITS
+from fedplug.secagg.protocol import (SecAggClient, SecAggError, SecAggServer, fedavg_from_sum, fedavg_input,
+                                     input_length)
+
+MASKED_TENSOR = "secagg.masked"  # the one tensor of a masked upload
+# aggregators whose result from the FedAvg mean of the round equals their result from the individual updates;
+# robust ones (median, Krum) need each update, and the DP ones calibrate noise to each update's clipping
+MEAN_AGGREGATORS = frozenset({"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox"})
+
+
+def default_threshold(num_clients: int, degree: int | None) -> int:
+    """A majority of each client's neighbourhood (at least 2): fewer colluders than that learn nothing."""
+    k = num_clients - 1 if degree is None else min(int(degree), num_clients - 1)
+    return max(2, k // 2 + 1)
+
+
+def check_config(secagg: Mapping[str, Any], aggregator: str, codec: str, clients_per_round: int) -> str | None:
+    """Why these settings cannot run secure aggregation, or None."""
+    if not secagg.get("enabled"):
+        return None
+    if aggregator not in MEAN_AGGREGATORS:
+        return (f"secagg.enabled=true needs an aggregator that works from the round's mean update "
+                f"({', '.join(sorted(MEAN_AGGREGATORS))}); {aggregator!r} needs each client's update, which secure "
+                "aggregation hides from the server")
+    if codec != "none":
+        return f"secagg.enabled=true sends masked integers, which codec={codec} cannot compress: use codec=none"
+    if clients_per_round < 3:
+        return ("secagg.enabled=true needs run.clients_per_round >= 3: with two clients each one's update is the "
+                "sum minus the other's")
+    degree = secagg.get("degree")
+    if degree is not None and (not isinstance(degree, int) or degree < 2 or degree % 2):
+        return f"secagg.degree must be an even integer >= 2 (or null: every other client), got {degree!r}"
+    threshold = secagg.get("threshold")
+    if threshold is not None and (not isinstance(threshold, int) or threshold < 2):
+        return f"secagg.threshold must be an integer >= 2 (or null: a majority of the neighbourhood), got {threshold!r}"
+    frac_bits = secagg.get("frac_bits", DEFAULT_FRAC_BITS)
+    if not isinstance(frac_bits, int) or not 8 <= frac_bits <= 40:
+        return f"secagg.frac_bits must be an integer from 8 to 40, got {frac_bits!r}"
+    timeout = secagg.get("timeout_s", 120)
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+        return f"secagg.timeout_s must be a positive number of seconds, got {timeout!r}"
+    return None
+
+
+def masked_size_bound(global_weights: Mapping[str, torch.Tensor]) -> int:
+    """The most bytes a masked upload of this model takes: 8 per value plus a small header."""
+    return 8 * input_length(global_weights) + 4096
+
+
+# ----------------------------------------------------------------------------- the server's side
+
+
+class SecureRound:
+    """One round's secure aggregation on the server, among the clients selected for it.
+
+    Every ``take_*`` method raises :class:`SecAggError` for a message that does not
+    fit the round (the server refuses it with that text); none of them stores a
+    client's update.
+    """
+
+    def __init__(self, round_number: int, participants: list[str], global_weights: Mapping[str, torch.Tensor],
+                 settings: Mapping[str, Any]):
+        n = len(participants)
+        degree = settings.get("degree")
+        degree = None if degree is None or int(degree) >= n - 1 else int(degree)
+        threshold = settings.get("threshold")
+        threshold = default_threshold(n, degree) if threshold is None else min(int(threshold), n - 1)
+        self.round_number = round_number
+        self.core = SecAggServer(participants, input_length(global_weights), threshold, degree,
+                                 int(settings.get("frac_bits", DEFAULT_FRAC_BITS)))
+        self.session = self.core.session
+
+    @property
+    def threshold(self) -> int:
+        return self.core.threshold
+
+    def setup_for(self, cid: str) -> dict:
+        """``secagg_setup``: what client ``cid`` needs to make its keys."""
+        c = self.core
+        return {"round_number": self.round_number, "session": c.session, "neighbours": list(c.neighbours[cid]),
+                "threshold": c.threshold, "length": c.length, "frac_bits": c.frac_bits,
+                "num_clients": len(c.participants)}
+
+    def take_keys(self, cid: str, msg: Mapping[str, Any]) -> None:
+        self.core.receive_keys({"client_id": cid, "c_pk": msg["c_pk"], "s_pk": msg["s_pk"]})
+
+    def peer_keys_for(self, cid: str) -> dict:
+        """``secagg_peer_keys``: the public keys of ``cid``'s neighbours that advertised theirs."""
+        keys = {v: {"c_pk": c_pk, "s_pk": s_pk} for v, (c_pk, s_pk) in self.core.keys_for(cid).items()}
+        return {"round_number": self.round_number, "session": self.session, "keys": keys}
+
+    def take_shares(self, cid: str, msg: Mapping[str, Any]) -> None:
+        envelopes = dict(msg["envelopes"])
+        strangers = sorted(set(envelopes) - set(self.core.keys_for(cid)))
+        if strangers:
+            raise SecAggError(f"envelopes for {', '.join(map(repr, strangers[:3]))}, which are not neighbours of "
+                              f"{cid!r} that advertised keys")
+        if len(envelopes) < self.core.threshold:
+            raise SecAggError(f"{len(envelopes)} envelope(s); the threshold is {self.core.threshold}")
+        self.core.receive_shares(cid, envelopes)
+
+    def envelopes_for(self, cid: str) -> dict:
+        """The part of ``request_update`` that carries the envelopes addressed to ``cid``."""
+        return {"session": self.session, "envelopes": self.core.envelopes_for(cid)}
+
+    def take_masked(self, cid: str, source: Path | bytes) -> None:
+        """Add ``cid``'s masked input (an uploaded file, or inline bytes) to the running sum."""
+        try:
+            tensors = st_load_file(str(source)) if isinstance(source, Path) else st_load(bytes(source))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise SecAggError(f"the masked input is not a safetensors file: {exc}") from None
+        if set(tensors) != {MASKED_TENSOR}:
+            raise SecAggError(f"a masked input holds exactly one tensor named {MASKED_TENSOR!r}, got "
+                              f"{sorted(tensors)[:3]}")
+        masked = tensors[MASKED_TENSOR]
+        if masked.dtype != np.uint64 or masked.shape != (self.core.length,):
+            raise SecAggError(f"{MASKED_TENSOR} must be uint64 of shape ({self.core.length},), got "
+                              f"{masked.dtype} {masked.shape}")
+        self.core.receive_masked_input(cid, masked)
+
+    def unmask_request(self) -> dict:
+        return {"round_number": self.round_number, "session": self.session, "survivors": list(self.core.survivors)}
+
+    def take_unmask(self, cid: str, msg: Mapping[str, Any]) -> None:
+        if cid not in self.core.survivors:
+            raise SecAggError(f"{cid!r} is not a survivor of this round; its shares are not asked for")
+        shares = {}
+        for u, share in msg["shares"].items():
+            if cid not in self.core.neighbours.get(u, ()) or u not in self.core.senders:
+                raise SecAggError(f"{cid!r} holds no share of {u!r}")
+            shares[u] = (share.kind, (int(share.x), bytes(share.y)))
+        self.core.receive_unmask(cid, shares)
+
+    def mean(self, global_weights: Mapping[str, torch.Tensor]) -> tuple[dict, int]:
+        """The FedAvg mean of the survivors' updates and their example count (worker thread: PRGs of the model)."""
+        total = self.core.unmasked_sum()
+        count = float(total[-1])
+        if not np.isfinite(count) or count < 0.5:
+            raise SecAggError(f"the unmasked example count is {count:.3g}: a client sent a malformed input")
+        return fedavg_from_sum(total, global_weights), int(round(count))
+
+
+# ----------------------------------------------------------------------------- a client's side
+
+
+class ClientSessions:
+    """A client's SecAgg+ state: the session of the round it is in (older ones are dropped)."""
+
+    def __init__(self, client_id: str):
+        self.client_id = client_id
+        self.sessions: dict[str, SecAggClient] = {}
+
+    def _session(self, msg: Mapping[str, Any]) -> SecAggClient:
+        session = self.sessions.get(str(msg.get("session")))
+        if session is None:
+            raise SecAggError("this client holds no keys for that secure-aggregation session (it restarted, or "
+                              "the session is over)")
+        return session
+
+    @staticmethod
+    def _answer(msg: Mapping[str, Any], **fields: Any) -> dict:
+        return {"round_number": int(msg.get("round_number", 0)), "session": str(msg.get("session", "")),
+                **fields}
+
+    def refusal(self, msg: Mapping[str, Any], exc: Exception) -> dict:
+        """The answer saying why this client cannot go on with the session."""
+        return self._answer(msg, ok=False, reason=f"{type(exc).__name__}: {exc}")
+
+    def on_setup(self, msg: Mapping[str, Any]) -> dict:
+        """``secagg_setup`` -> ``secagg_keys``."""
+        neighbours = [str(v) for v in msg["neighbours"]]
+        setup = {"session": str(msg["session"]), "threshold": int(msg["threshold"]), "length": int(msg["length"]),
+                 "frac_bits": int(msg.get("frac_bits", DEFAULT_FRAC_BITS)),
+                 "neighbours": {self.client_id: neighbours}, "participants": range(int(msg["num_clients"]))}
+        if setup["length"] <= 0 or setup["threshold"] < 2 or setup["threshold"] > len(neighbours):
+            raise SecAggError(f"a session of length {setup['length']} with threshold {setup['threshold']} among "
+                              f"{len(neighbours)} neighbour(s) cannot be secure")
+        self.sessions = {setup["session"]: SecAggClient(self.client_id, setup)}  # one round at a time
+        keys = self.sessions[setup["session"]].advertise_keys()
+        return self._answer(msg, ok=True, c_pk=keys["c_pk"], s_pk=keys["s_pk"])
+
+    def on_peer_keys(self, msg: Mapping[str, Any]) -> dict:
+        """``secagg_peer_keys`` -> ``secagg_shares``."""
+        keys = {str(v): (bytes(k["c_pk"]), bytes(k["s_pk"])) for v, k in dict(msg["keys"]).items()}
+        return self._answer(msg, ok=True, envelopes=self._session(msg).share_keys(keys))
+
+    def masked_upload(self, secagg: Mapping[str, Any], weights: Mapping[str, torch.Tensor],
+                      global_weights: Mapping[str, torch.Tensor], num_examples: int) -> bytes:
+        """The bytes uploaded instead of the weights: ``n * (w - w_global)`` and ``n``, masked, as safetensors."""
+        session = self._session(secagg)
+        envelopes = {str(u): bytes(e) for u, e in dict(secagg.get("envelopes") or {}).items()}
+        values = fedavg_input(weights, global_weights, num_examples)
+        try:
+            masked = session.masked_input(envelopes, values)
+        except ValueError as exc:  # the range check (an update too large for the ring)
+            raise SecAggError(str(exc)) from None
+        except InvalidTag:
+            raise SecAggError("an envelope addressed to this client does not open (tampered with on the way)") from None
+        return st_save({MASKED_TENSOR: np.ascontiguousarray(masked, dtype=np.uint64)})
+
+    def on_unmask(self, msg: Mapping[str, Any]) -> dict:
+        """``secagg_unmask`` -> ``secagg_unmask_shares``."""
+        shares = self._session(msg).unmask([str(v) for v in msg["survivors"]])
+        return self._answer(msg, ok=True, shares={u: {"kind": kind, "x": int(x), "y": bytes(y)}
+                                                  for u, (kind, (x, y)) in shares.items()})
