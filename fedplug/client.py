@@ -315,9 +315,9 @@ class FederationClient:
             self._spawn(self._on_stop_and_eval(data))
 
         for request_event, answer_event, method in (
-                (P.SECAGG_SETUP, P.SECAGG_KEYS, self.secure.on_setup),
-                (P.SECAGG_PEER_KEYS, P.SECAGG_SHARES, self.secure.on_peer_keys),
-                (P.SECAGG_UNMASK, P.SECAGG_UNMASK_SHARES, self.secure.on_unmask)):
+                (P.SECAGG_SETUP, P.SECAGG_KEYS, "on_setup"),
+                (P.SECAGG_PEER_KEYS, P.SECAGG_SHARES, "on_peer_keys"),
+                (P.SECAGG_UNMASK, P.SECAGG_UNMASK_SHARES, "on_unmask")):
             sio.on(request_event, self._secagg_responder(answer_event, method))
 
         @sio.on(P.RUN_FINISHED)
@@ -337,13 +337,13 @@ class FederationClient:
 
     # ------------------------------------------------------------------ handlers
 
-    def _secagg_responder(self, answer_event: str, method):
-        """Answer one of the server's ``secagg_*`` requests (key agreement and Shamir sharing: off the loop)."""
+    def _secagg_responder(self, answer_event: str, method: str):
+        """Answer one of the server's ``secagg_*`` requests with ``self.secure.<method>`` (off the loop)."""
         async def respond(data):
             async def work():
                 msg = data if isinstance(data, dict) else {}
                 try:
-                    answer = await self._offload(method, msg)
+                    answer = await self._offload(getattr(self.secure, method), msg)
                 except (SecAggError, KeyError, TypeError, ValueError) as exc:
                     self.echo(f"[{self.client_id}] secure aggregation: cannot answer {answer_event}: {exc}")
                     answer = self.secure.refusal(msg, exc)

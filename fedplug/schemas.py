@@ -390,9 +390,17 @@ def _validate(event: str, model: type[_Message], data: Any) -> dict[str, Any]:
         message = model.model_validate(dict(data))
     except ValidationError as exc:
         raise ProtocolError(_one_line(event, model, exc)) from None
-    return {name: getattr(message, name) if not isinstance(getattr(message, name), BaseModel)
-            else getattr(message, name).model_dump(exclude_none=True)
+    return {name: _plain_value(getattr(message, name))
             for name in model.model_fields if getattr(message, name) is not None}
+
+
+def _plain_value(value: Any) -> Any:
+    """Nested message models (stats, unmask shares) as plain dicts: handlers see JSON-like values only."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(exclude_none=True)
+    if isinstance(value, dict):
+        return {k: _plain_value(v) for k, v in value.items()}
+    return value
 
 
 # ---------------------------------------------------------------------- error text

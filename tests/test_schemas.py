@@ -33,6 +33,13 @@ VALID = {
     P.BEGIN_UPLOAD: {"round_number": 3, "size": 1000, "sha256": SHA},
     P.UPLOAD_CHUNK: {"upload_id": "site-a-r3-0123456789ab", "index": 0, "data": b"x" * 100, "sha256": SHA},
     P.FETCH_CHUNK: {"weights_id": "r3-global-0123456789abcdef", "index": 2},
+    P.SECAGG_KEYS: {"round_number": 3, "session": "0123456789abcdef", "ok": True, "c_pk": b"c" * 32,
+                    "s_pk": b"s" * 32},
+    P.SECAGG_SHARES: {"round_number": 3, "session": "0123456789abcdef", "ok": True,
+                      "envelopes": {"site-b": b"e" * 150, "site-c": b"f" * 150}},
+    P.SECAGG_UNMASK_SHARES: {"round_number": 3, "session": "0123456789abcdef", "ok": True,
+                             "shares": {"site-b": {"kind": "b", "x": 1, "y": b"y" * 66},
+                                        "site-c": {"kind": "s", "x": 2, "y": b"z" * 66}}},
 }
 
 
@@ -202,6 +209,19 @@ def _check_bounds(event, out):
             assert type(value) is str and len(value) <= S.MAX_REASON_LEN + 6 and value.isprintable()
         if key in ("weights", "data"):
             assert type(value) is bytes
+        if key == "session":
+            assert type(value) is str and len(value) == 16 and all(c in "0123456789abcdef" for c in value)
+        if key in ("c_pk", "s_pk"):
+            assert type(value) is bytes and len(value) == 32
+        if key in ("envelopes", "shares"):
+            assert isinstance(value, dict)
+            for peer, item in value.items():
+                assert type(peer) is str and 0 < len(peer) <= 128 and peer.isprintable()
+                if key == "envelopes":
+                    assert type(item) is bytes and 0 < len(item) <= S.MAX_ENVELOPE_BYTES
+                else:
+                    assert item["kind"] in ("b", "s") and type(item["x"]) is int and item["x"] >= 1
+                    assert type(item["y"]) is bytes and len(item["y"]) == S.MAX_SHARE_BYTES
         if key in ("metrics", "details", "info"):
             assert isinstance(value, dict) and len(value) <= S.MAX_METRICS
             for name, v in value.items():

@@ -158,7 +158,7 @@ class SecureRound:
         for u, share in msg["shares"].items():
             if cid not in self.core.neighbours.get(u, ()) or u not in self.core.senders:
                 raise SecAggError(f"{cid!r} holds no share of {u!r}")
-            shares[u] = (share.kind, (int(share.x), bytes(share.y)))
+            shares[u] = (share["kind"], (int(share["x"]), bytes(share["y"])))
         self.core.receive_unmask(cid, shares)
 
     def mean(self, global_weights: Mapping[str, torch.Tensor]) -> tuple[dict, int]:
