@@ -281,3 +281,13 @@ def test_the_servers_session_refuses_messages_that_do_not_fit_the_round():
     # a client that restarted holds no keys: it says so instead of answering
     with pytest.raises(SecAggError, match="holds no keys"):
         secagg_run.ClientSessions("a").on_unmask(secure.unmask_request())
+
+
+def test_secagg_plus_with_a_sparse_neighbourhood_is_still_fedavg(tmp_path):
+    detectors = {f"site-{i}": DeltaDetector(0.01 * (i - 2)) for i in range(6)}
+    status, codes, server, start, lines = asyncio.run(_federation(tmp_path, detectors, "run.rounds=1",
+                                                                   "secagg.degree=2"))
+    assert status == 0, "\n".join(lines)
+    assert any("threshold 2" in line for line in lines)
+    expected = _fedavg(start, detectors, detectors)
+    assert torch.allclose(server.global_weights["bulk"].double(), expected["bulk"].double(), atol=1e-6, rtol=0)
