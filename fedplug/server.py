@@ -34,6 +34,7 @@ from aiohttp import web
 from fedplug import protocol as P
 from fedplug import schemas as S
 from fedplug import tls
+from fedplug.allocator import return_freed_memory_promptly
 from fedplug.codecs import open_codec
 from fedplug.collect import PhaseCollector, UpdateStream
 from fedplug.evaluation import HeldOutEvaluator, eval_settings_from, resolve_place, round_metrics, safe_call
@@ -120,6 +121,7 @@ class FederationServer:
                  echo=print, held_out: Any = None, held_out_source: str = "", clients_have_test: bool = True):
         """``held_out`` is a test dataset the server scores itself (``eval.on=server|both``);
         ``clients_have_test`` is False when the data's test set is shared, not split among clients."""
+        return_freed_memory_promptly()  # a model-sized accumulator each round must not stay in the heap
         self.cfg = cfg
         self.run_cfg = cfg.run
         self.server_cfg = cfg.server

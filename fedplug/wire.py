@@ -94,7 +94,7 @@ def check_against_spec(state: StateDict, spec: ModelSpec) -> None:
             raise WireError(
                 f"tensor {name!r} has shape {tuple(t.shape)}, the global model has {expected.shape}"
             )
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not _finite_in_slices(t, None, 0):
             raise WireError(f"tensor {name!r} holds NaN or Inf values")
 
 
@@ -221,9 +221,27 @@ class SafetensorsLayout:
 class MappedState(dict):
     """A state dict whose tensors are views of a mapped file (see :func:`open_checked`)."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], mapping: Any):
+    def __init__(self, tensors: Mapping[str, torch.Tensor], mapping: Any,
+                 spans: Mapping[str, tuple[int, int]] | None = None):
         super().__init__(tensors)
         self._mapping = mapping
+        self._spans = dict(spans or {})  # name -> (offset, bytes) of each tensor in the mapping
+
+    def release_tensor(self, name: str) -> None:
+        """Hand back the pages of one tensor (an aggregator folded it in); it stays valid, like the others."""
+        import mmap
+
+        span = self._spans.get(name)
+        if span is None or span[1] < mmap.PAGESIZE:
+            return
+        offset, nbytes = span
+        first = offset + (-offset) % mmap.PAGESIZE  # whole pages inside this tensor only: neighbours keep theirs
+        last = (offset + nbytes) - (offset + nbytes) % mmap.PAGESIZE
+        if last > first:
+            try:
+                self._mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+            except (AttributeError, OSError, ValueError):
+                pass
 
     def release_pages(self) -> None:
         """Hand the file's pages back to the kernel; the tensors stay valid (they fault back in when read)."""
@@ -233,6 +251,38 @@ class MappedState(dict):
             self._mapping.madvise(mmap.MADV_DONTNEED)
         except (AttributeError, OSError, ValueError):
             pass
+
+
+CHECK_SLICE = 1 << 20  # values checked at a time: isfinite's temporaries stay a few MB, whatever the tensor
+
+
+def _finite_in_slices(tensor: torch.Tensor, mapping: Any, offset: int) -> bool:
+    """Whether every value is finite, read ``CHECK_SLICE`` values at a time.
+
+    ``torch.isfinite`` of a whole tensor makes a full-size ``abs`` copy (51 MB for
+    Faster R-CNN's box head); slices keep that small.  With ``mapping`` (the
+    tensor is a view of it from ``offset``) each checked slice's pages go back
+    to the kernel at once, so checking a file never holds more than a slice of it.
+    """
+    import mmap
+
+    flat = tensor.reshape(-1)
+    size = flat.element_size()
+    for start in range(0, flat.numel(), CHECK_SLICE):
+        part = flat[start:start + CHECK_SLICE]
+        if not bool(torch.isfinite(part).all()):
+            return False
+        if mapping is not None and part.numel() * size >= 4 * mmap.PAGESIZE:
+            first = offset + start * size
+            last = first + part.numel() * size
+            first += (-first) % mmap.PAGESIZE  # whole pages of this slice only
+            last -= last % mmap.PAGESIZE
+            if last > first:
+                try:
+                    mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+                except (AttributeError, OSError, ValueError):
+                    pass
+    return True
 
 
 def open_checked(path: Path, spec: ModelSpec, *, unlink: bool = True) -> StateDict:
@@ -307,6 +357,7 @@ def open_checked(path: Path, spec: ModelSpec, *, unlink: bool = True) -> StateDi
     if covered != data_len:
         raise WireError("weights are not valid safetensors data: trailing bytes after the last tensor")
     state: dict[str, torch.Tensor] = {}
+    spans: dict[str, tuple[int, int]] = {}
     for start, end, name, dtype in ranges:
         count = (end - start) // max(1, torch.empty((), dtype=dtype).element_size())
         offset = data_start + start
@@ -314,17 +365,12 @@ def open_checked(path: Path, spec: ModelSpec, *, unlink: bool = True) -> StateDi
             tensor = torch.empty(spec[name].shape, dtype=dtype)
         elif offset % torch.empty((), dtype=dtype).element_size() == 0:
             tensor = torch.frombuffer(mapping, dtype=dtype, count=count, offset=offset).view(spec[name].shape)
+            spans[name] = (offset, end - start)
         else:  # a misaligned tensor (a peer's own writer): copy it rather than hand kernels a bad pointer
             tensor = torch.frombuffer(bytearray(mapping[offset:offset + end - start]), dtype=dtype).view(spec[name].shape)
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not _finite_in_slices(tensor, mapping if name in spans else None, offset):
             raise WireError(f"tensor {name!r} holds NaN or Inf values")
         state[name] = tensor
-        if end - start >= 1 << 20:  # checked: give its pages back now, not after the whole file was read
-            page_start = offset - offset % mmap.PAGESIZE
-            try:
-                mapping.madvise(mmap.MADV_DONTNEED, page_start, offset + (end - start) - page_start)
-            except (AttributeError, OSError, ValueError):
-                pass
-    mapped = MappedState(state, mapping)
+    mapped = MappedState(state, mapping, spans)
     mapped.release_pages()  # the checks read every page; the kernel takes them back until an aggregator reads them
     return mapped

@@ -10,8 +10,10 @@ from their ``fedplug_aggregate`` hook, in the server's aggregation worker thread
 Memory: the updates arrive as a stream (see ``fedplug_aggregate`` in
 ``fedplug/hooks.py``).  Each update is folded into ONE float64 running sum
 and then dropped, so the server holds the running sum (2x the float32 model),
-the update being folded in, one float64 temporary of the tensor being added,
-and nothing else: memory is O(model), independent of the number of clients.
+the tensor of the update being folded in (a received update gives each
+tensor's pages back once it is folded), one float64 temporary of at most
+``SLICE`` values, and nothing else: memory is O(model), independent of the
+number of clients.
 
 Integer and bool buffers (BatchNorm's ``num_batches_tracked``): averaged in
 float64 like everything else and turned back into the buffer's dtype by
@@ -68,6 +70,24 @@ def check_update_matches(update: ClientUpdate, template: Mapping[str, torch.Tens
         )
 
 
+SLICE = 1 << 20  # elements folded at a time: the float64 temporary is at most 8 MiB, whatever the tensor
+
+
+def _slices(acc: torch.Tensor, value: torch.Tensor):
+    """``(accumulator part, value part)`` pairs covering a tensor, ``SLICE`` elements each.
+
+    Faster R-CNN's box head alone is 12.8 M values: its float64 copy would be a
+    100 MB temporary, more than the rest of the folding costs.  Element-wise
+    work gives the same bits whatever the slicing.
+    """
+    if acc.numel() <= SLICE or not acc.is_contiguous():
+        yield acc, value
+        return
+    flat_acc, flat_value = acc.view(-1), value.reshape(-1)
+    for start in range(0, flat_acc.numel(), SLICE):
+        yield flat_acc[start:start + SLICE], flat_value[start:start + SLICE]
+
+
 class RunningWeightedMean:
     """One float64 running weighted sum per tensor, updated in place, one update at a time; divided at the end.
 
@@ -106,15 +126,20 @@ class RunningWeightedMean:
             return  # contributes nothing; counted so that an all-zero round gets a clear error
         self.total_weight += float(weight)
         fraction = float(weight) / self.total_weight
+        # a received update (fedplug.wire.MappedState) can give each tensor's file pages back once it is folded in
+        release = getattr(weights, "release_tensor", None)
         for name, acc in self.means.items():
             value = weights[name].detach()
-            if self.summed[name]:  # weight * value is exact in float64: only the sum can round (class docstring)
-                acc.add_(value.to(ACC_DTYPE), alpha=float(weight))
-            else:  # float64 values: weight * value would round; the incremental mean keeps one update exact
-                # copy=True: never write into the client's tensor (a float64 one would otherwise be it)
-                difference = value.to(ACC_DTYPE, copy=True).sub_(acc)
-                acc.add_(difference, alpha=fraction)
-                del difference
+            for acc_part, part in _slices(acc, value):
+                if self.summed[name]:  # weight * value is exact in float64: only the sum can round (class docstring)
+                    acc_part.add_(part.to(ACC_DTYPE), alpha=float(weight))
+                else:  # float64 values: weight * value would round; the incremental mean keeps one update exact
+                    # copy=True: never write into the client's tensor (a float64 one would otherwise be it)
+                    difference = part.to(ACC_DTYPE, copy=True).sub_(acc_part)
+                    acc_part.add_(difference, alpha=fraction)
+                    del difference
+            if release is not None:
+                release(name)
 
     def mean(self) -> dict[str, torch.Tensor]:
         """The weighted mean in float64 (the accumulator's own tensors, not copies)."""
