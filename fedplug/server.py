@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import hashlib
 import logging
 import math
 import random
@@ -655,7 +654,7 @@ class FederationServer:
         self.events.publish("transfer_progress", client_id=cid, direction="down", round=self.round_number,
                             bytes_done=min(blob.size, (msg["index"] + 1) * blob.chunk_bytes),
                             bytes_total=blob.size)
-        return {"ok": True, "index": msg["index"], "data": chunk, "sha256": hashlib.sha256(chunk).hexdigest()}
+        return {"ok": True, "index": msg["index"], "data": chunk, "sha256": blob.chunk_sha256(msg["index"], chunk)}
 
     async def _on_update(self, sid: str, data: Any = None) -> None:
         cid = self._client_of(sid)

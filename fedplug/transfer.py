@@ -81,6 +81,7 @@ class Blob:
     sha256: str
     chunk_bytes: int
     _bytes: bytes | None = None
+    _digests: dict = field(default_factory=dict)  # chunk index -> sha256: hashed once, whatever K
 
     @property
     def size(self) -> int:
@@ -111,6 +112,13 @@ class Blob:
         if isinstance(self.source, (bytes, bytearray)):
             return bytes(self.source[start:start + self.chunk_bytes])
         return self.source.read(start, self.chunk_bytes)
+
+    def chunk_sha256(self, index: int, chunk: bytes) -> str:
+        """The sha256 of chunk ``index`` (its bytes ``chunk``), computed for the first client that asks only."""
+        digest = self._digests.get(index)
+        if digest is None:
+            digest = self._digests[index] = sha256_hex(chunk)
+        return digest
 
 
 class Downloads:
