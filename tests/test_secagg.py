@@ -102,6 +102,28 @@ def test_key_agreement_and_envelopes():
         K.open_sealed(key, sealed, b"c->b")  # an envelope cannot be redirected to another sender
 
 
+def test_the_two_envelopes_of_a_pair_are_sealed_under_different_keys():
+    """With one key both ways and the fixed nonce, the relaying server could XOR the two envelopes apart."""
+    setup = {"session": "0123456789abcdef", "threshold": 2, "length": 4, "participants": ["u", "v", "w"],
+             "neighbours": {"u": ["v", "w"], "v": ["u", "w"], "w": ["u", "v"]}}
+    clients = {cid: SecAggClient(cid, setup) for cid in "uvw"}
+    keys = {cid: (c.advertise_keys()["c_pk"], c.advertise_keys()["s_pk"]) for cid, c in clients.items()}
+    sealed = {cid: c.share_keys(keys) for cid, c in clients.items()}
+    u_to_v, v_to_u = sealed["u"]["v"], sealed["v"]["u"]
+    assert len(u_to_v) == len(v_to_u)
+    xor = bytes(a ^ b for a, b in zip(u_to_v, v_to_u))
+    # under a shared keystream the XOR of the ciphertexts would equal the XOR of the plaintexts, whose first
+    # two bytes (the share's x, 1 or 2) differ in at most two bits; under two keys it is noise
+    u_key = K.agree(clients["u"].c.private, keys["v"][0], "shares/u->v", setup["session"])
+    v_key = K.agree(clients["v"].c.private, keys["u"][0], "shares/v->u", setup["session"])
+    assert u_key != v_key
+    plain_u = K.open_sealed(u_key, u_to_v, b"u->v")
+    plain_v = K.open_sealed(v_key, v_to_u, b"v->u")
+    assert bytes(a ^ b for a, b in zip(plain_u, plain_v)) != xor[:len(plain_u)]
+    with pytest.raises(InvalidTag):  # and neither opens under the other direction's key
+        K.open_sealed(v_key, u_to_v, b"u->v")
+
+
 def test_quantisation_round_trips_within_half_a_step_and_sums_wrap_exactly():
     x = np.array([-3.25, 0.0, 1e-9, 12345.678, -0.5])
     assert np.all(np.abs(dequantize(quantize(x, FRAC), FRAC) - x) <= 2.0 ** -(FRAC + 1))

@@ -73,6 +73,16 @@ def neighbourhoods(client_ids: Sequence[str], degree: int, seed: int | None = No
     return {c: sorted(v) for c, v in graph.items()}
 
 
+def envelope_purpose(sender: str, receiver: str) -> str:
+    """The HKDF purpose of the key that seals ``sender``'s envelope for ``receiver``: one key per direction.
+
+    X25519 gives u and v the same secret, and every envelope uses the all-zero
+    nonce; a key shared by both directions would encrypt two plaintexts under one
+    key and nonce, and the server, which relays both, could XOR them apart.
+    """
+    return f"shares/{sender}->{receiver}"
+
+
 def _sign(u: str, v: str) -> int:
     return 1 if u < v else -1
 
@@ -116,7 +126,7 @@ class SecAggClient:
         b_shares = shamir.split(self.b, len(order), self.threshold)
         out = {}
         for v, (x, s_share), (_, b_share) in zip(order, s_shares, b_shares):
-            key = K.agree(self.c.private, self.peer_keys[v][0], "shares", self.session)
+            key = K.agree(self.c.private, self.peer_keys[v][0], envelope_purpose(self.id, v), self.session)
             body = x.to_bytes(2, "big") + s_share + b_share
             out[v] = K.seal(key, body, f"{self.id}->{v}".encode())
         return out
@@ -127,7 +137,7 @@ class SecAggClient:
         for u, sealed in envelopes.items():
             if u not in self.peer_keys:
                 continue  # not a neighbour of ours, or it advertised no keys: ignore
-            key = K.agree(self.c.private, self.peer_keys[u][0], "shares", self.session)
+            key = K.agree(self.c.private, self.peer_keys[u][0], envelope_purpose(u, self.id), self.session)
             body = K.open_sealed(key, sealed, f"{u}->{self.id}".encode())
             x = int.from_bytes(body[:2], "big")
             n = shamir.SHARE_BYTES
