@@ -811,8 +811,9 @@ class FederationServer:
     async def _secagg_aggregate(self, rnd: int, survivors: list[str], start_weights, state: dict):
         """Round 4 of SecAgg+ and the aggregation of the unmasked mean: ``(weights, error)`` like :meth:`_aggregate`."""
         secure = self.secure
-        if len(survivors) < secure.threshold:
-            return None, f"{len(survivors)} masked update(s); secure aggregation needs {secure.threshold}"
+        problem = secure.unmask_problem()
+        if problem is not None:  # nobody is asked to reveal a share for a sum that cannot be unmasked
+            return None, f"secure aggregation cannot unmask this round: {problem}"
         self.phase = f"round {rnd}: secure aggregation unmasking"
         await self._secagg_phase(rnd, P.SECAGG_UNMASK_SHARES, P.SECAGG_UNMASK, survivors,
                                  lambda cid: secure.unmask_request())

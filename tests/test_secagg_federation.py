@@ -291,3 +291,16 @@ def test_secagg_plus_with_a_sparse_neighbourhood_is_still_fedavg(tmp_path):
     assert any("threshold 2" in line for line in lines)
     expected = _fedavg(start, detectors, detectors)
     assert torch.allclose(server.global_weights["bulk"].double(), expected["bulk"].double(), atol=1e-6, rtol=0)
+
+
+def test_with_three_clients_a_dropout_after_sharing_fails_the_round_before_any_share_is_asked(tmp_path):
+    """Each survivor's self-mask needs 2 shares from surviving neighbours: with one gone, each has 1."""
+    detectors = {f"site-{i}": DeltaDetector(0.01) for i in range(3)}
+    detectors["site-2"].fail = True
+    status, codes, server, start, lines = asyncio.run(_federation(
+        tmp_path, detectors, "run.rounds=1", "server.quorum=0.5", "server.round_retries=0"))
+    assert status == 1
+    assert any("cannot unmask this round: only 1 surviving neighbour(s)" in line for line in lines), "\n".join(lines)
+    events = read_events(tmp_path / "run" / "events.jsonl")
+    assert not any(e["event"] == "secagg_unmask" for e in events)  # no share was revealed for nothing
+    assert torch.equal(server.global_weights["bulk"], start["bulk"])  # the global model is untouched

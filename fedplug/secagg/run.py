@@ -148,6 +148,26 @@ class SecureRound:
                               f"{masked.dtype} {masked.shape}")
         self.core.receive_masked_input(cid, masked)
 
+    def unmask_problem(self) -> str | None:
+        """Why the survivors cannot unmask the sum, or None -- checked before anyone is asked for a share.
+
+        A survivor's self-mask seed and a dropped client's mask key are each
+        rebuilt from ``threshold`` shares held by its neighbours *among the
+        survivors* (nobody holds a share of its own secrets).  With three clients
+        and threshold 2, one dropout after sharing keys therefore always ends here.
+        """
+        core = self.core
+        alive = set(core.survivors)
+        if len(alive) < core.threshold:
+            return f"{len(alive)} masked input(s) arrived; the threshold is {core.threshold}"
+        for u in sorted(core.senders):
+            holders = len(alive.intersection(core.neighbours[u]))
+            if holders < core.threshold:
+                what = "self-mask" if u in alive else "mask key (it dropped before its masked input)"
+                return (f"only {holders} surviving neighbour(s) of {u!r} hold a share of its {what}; "
+                        f"{core.threshold} are needed (secagg.threshold)")
+        return None
+
     def unmask_request(self) -> dict:
         return {"round_number": self.round_number, "session": self.session, "survivors": list(self.core.survivors)}
 
