@@ -80,6 +80,22 @@ def toy_plugins(aggregator: str = "fedavg", policy: str = "always", observer=Non
     return ActivePlugins(pm, selected, [])
 
 
+def detector_plugins(detector, server: bool = False, name: str = "toy") -> ActivePlugins:
+    """The plugins of one side of an in-process federation around the detector object ``detector``.
+
+    The server side also gets FedAvg; both get the ``always`` resource policy.
+    """
+    pm = new_manager()
+    selected = {}
+    roles = (("aggregator", "fedavg"), ("resource_policy", "always")) if server else (("resource_policy", "always"),)
+    for role, plugin in roles:
+        info, obj = load_plugin(role, plugin)
+        pm.register(obj, name=f"{role}:{plugin}")
+        selected[role] = info
+    pm.register(detector, name=f"detector:{name}")
+    return ActivePlugins(pm, selected, [])
+
+
 import os
 EXTRA = [f"hydra.searchpath=[file://{os.environ['TCONF']}]"] if os.environ.get("TCONF") else []
 

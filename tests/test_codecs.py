@@ -345,29 +345,16 @@ class _Detector:
                           stats=DetectionStats.empty(3))
 
 
-def _active(detector, server: bool):
-    from fedplug.plugins import ActivePlugins, load_plugin, new_manager
-
-    pm, selected = new_manager(), {}
-    roles = (("aggregator", "fedavg"), ("resource_policy", "always")) if server else (("resource_policy", "always"),)
-    for role, name in roles:
-        info, obj = load_plugin(role, name)
-        pm.register(obj, name=f"{role}:{name}")
-        selected[role] = info
-    pm.register(detector, name="detector:toy")
-    return ActivePlugins(pm, selected, [])
-
-
 async def _federation(tmp_path, codec: str):
     from fedplug.client import FederationClient
     from fedplug.data import generate_synthetic_federation
     from fedplug.server import FederationServer
-    from scripted import compose_cfg
+    from scripted import detector_plugins, compose_cfg
 
     detector = _Detector()
     cfg = compose_cfg(f"codec={codec}", "run.rounds=2", "run.min_clients=2", "run.clients_per_round=2",
                       "server.chunk_kb=8")
-    server = FederationServer(cfg, _active(detector, True), ("car", "person", "sign"), tmp_path / "run",
+    server = FederationServer(cfg, detector_plugins(detector, True), ("car", "person", "sign"), tmp_path / "run",
                               echo=lambda *a: None)
     port = await server.start()
     (folder,) = generate_synthetic_federation(tmp_path / "data", num_clients=1, train_per_client=2,
@@ -376,7 +363,7 @@ async def _federation(tmp_path, codec: str):
     for i, version in enumerate((2, 1)):  # a chunked (v2) and an inline (v1) client
         c = FederationClient(f"http://127.0.0.1:{port}", f"site{i}", {"format": "voc", "path": str(folder)},
                              echo=lambda *a: None, protocol_version=version)
-        c.activate_plugins = lambda *a, **k: _active(detector, False)
+        c.activate_plugins = lambda *a, **k: detector_plugins(detector, False)
         clients.append(c)
         tasks.append(asyncio.get_running_loop().create_task(c.run()))
     try:

@@ -18,10 +18,9 @@ from fedplug import client as client_module
 from fedplug.client import FederationClient
 from fedplug.hooks import hookimpl
 from fedplug.outputs import read_events
-from fedplug.plugins import ActivePlugins, load_plugin, new_manager
 from fedplug.server import FederationServer
 from fedplug.types import DetectionStats, EvalResult, TrainResult
-from scripted import ScriptedClient, compose_cfg
+from scripted import detector_plugins, ScriptedClient, compose_cfg
 
 CLASSES = ("car", "person", "sign")
 
@@ -54,18 +53,6 @@ class SizedToyDetector:
     def fedplug_evaluate(self, model, dataset, settings):
         return EvalResult(num_examples=len(dataset), loss=0.1, map50=0.5, recall=0.5,
                           stats=DetectionStats.empty(len(CLASSES)))
-
-
-def _plugins(detector, server=False):
-    pm = new_manager()
-    selected = {}
-    roles = (("aggregator", "fedavg"), ("resource_policy", "always")) if server else (("resource_policy", "always"),)
-    for role, name in roles:
-        info, obj = load_plugin(role, name)
-        pm.register(obj, name=f"{role}:{name}")
-        selected[role] = info
-    pm.register(detector, name="detector:sized")
-    return ActivePlugins(pm, selected, [])
 
 
 class Relay:
@@ -135,7 +122,7 @@ async def _federation(tmp_path, detector, clients, *overrides, timeout=90, durin
     """Run a server and ``clients`` = {id: kwargs for FederationClient (+ via_relay)}; return what happened."""
     cfg = compose_cfg(*overrides)
     lines = []
-    server = FederationServer(cfg, _plugins(detector, server=True), CLASSES, tmp_path / "run",
+    server = FederationServer(cfg, detector_plugins(detector, server=True, name="sized"), CLASSES, tmp_path / "run",
                               echo=lines.append)
     port = await server.start()
     relay = Relay(port)
@@ -148,7 +135,7 @@ async def _federation(tmp_path, detector, clients, *overrides, timeout=90, durin
         outs[cid] = []
         made[cid] = FederationClient(f"http://127.0.0.1:{target}", cid, {"format": "voc", "path": str(folder)},
                                      echo=outs[cid].append, **kwargs)
-        made[cid].activate_plugins = lambda *a, **k: _plugins(detector)
+        made[cid].activate_plugins = lambda *a, **k: detector_plugins(detector, name="sized")
         tasks[cid] = asyncio.get_running_loop().create_task(made[cid].run())
     side = asyncio.get_running_loop().create_task(during(server, relay, made, outs)) if during else None
     try:
@@ -281,7 +268,7 @@ def test_a_client_whose_server_stays_gone_gives_up_with_one_line_and_status_4(tm
         lines = []
         client = FederationClient(f"http://127.0.0.1:{port}", "site", {"format": "voc", "path": str(_folder(tmp_path))},
                                   echo=lines.append, reconnect_timeout_s=4, reconnect_delay_max_s=1)
-        client.activate_plugins = lambda *a, **k: _plugins(SizedToyDetector())
+        client.activate_plugins = lambda *a, **k: detector_plugins(SizedToyDetector(), name="sized")
         task = asyncio.get_running_loop().create_task(client.run())
         await asyncio.wait_for(server.wait_for_clients(1, 20), 30)
         await server.runner.cleanup()  # the server is gone (its process died): no run_finished

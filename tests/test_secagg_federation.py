@@ -18,13 +18,12 @@ from fedplug.collect import UpdateStream
 from fedplug.config import ConfigError, validate
 from fedplug.hooks import hookimpl
 from fedplug.outputs import read_events
-from fedplug.plugins import ActivePlugins, load_plugin, new_manager
 from fedplug.secagg import run as secagg_run
 from fedplug.secagg.masking import quantize
 from fedplug.secagg.protocol import SecAggError
 from fedplug.server import FederationServer
 from fedplug.types import DetectionStats, EvalResult, TrainResult
-from scripted import compose_cfg
+from scripted import detector_plugins, compose_cfg
 
 CLASSES = ("car", "person", "sign")
 VALUES = 5000
@@ -68,18 +67,6 @@ class DeltaDetector:
                           stats=DetectionStats.empty(len(CLASSES)))
 
 
-def _plugins(detector, server=False):
-    pm = new_manager()
-    selected = {}
-    roles = (("aggregator", "fedavg"), ("resource_policy", "always")) if server else (("resource_policy", "always"),)
-    for role, name in roles:
-        info, obj = load_plugin(role, name)
-        pm.register(obj, name=f"{role}:{name}")
-        selected[role] = info
-    pm.register(detector, name="detector:delta")
-    return ActivePlugins(pm, selected, [])
-
-
 def _folders(tmp_path, n):
     from fedplug.data import generate_synthetic_federation
 
@@ -93,7 +80,7 @@ async def _federation(tmp_path, detectors: dict, *overrides, timeout=120, before
                       f"run.clients_per_round={n}", "secagg.timeout_s=30", "server.update_timeout_s=30",
                       *overrides)
     lines = []
-    server = FederationServer(cfg, _plugins(DeltaDetector(0.0), server=True), CLASSES, tmp_path / "run",
+    server = FederationServer(cfg, detector_plugins(DeltaDetector(0.0), server=True, name="delta"), CLASSES, tmp_path / "run",
                               echo=lines.append)
     start = {k: v.clone() for k, v in server.global_weights.items()}
     port = await server.start()
@@ -101,7 +88,7 @@ async def _federation(tmp_path, detectors: dict, *overrides, timeout=120, before
     for (cid, detector), folder in zip(detectors.items(), _folders(tmp_path, n)):
         made[cid] = FederationClient(f"http://127.0.0.1:{port}", cid, {"format": "voc", "path": str(folder)},
                                      echo=lambda *a: None)
-        made[cid].activate_plugins = lambda *a, _d=detector, **k: _plugins(_d)
+        made[cid].activate_plugins = lambda *a, _d=detector, **k: detector_plugins(_d, name="delta")
         if before is not None:
             before(cid, made[cid])
         tasks[cid] = asyncio.get_running_loop().create_task(made[cid].run())
