@@ -728,19 +728,22 @@ class FederationServer:
                            size: int) -> None:
         """A secure round's update: the masked input goes into the running sum, and is not kept."""
         secure = self.secure
+        # the n inside the masked input must be this (checked on the unmasked sum): never more than declared
+        train_size = self._capped(cid, msg["round_number"], "train_size", msg["train_size"],
+                                  self.clients[cid].num_train, "num_train")
         collector.begin_work()
         try:
             async with self._decode_slot:
-                await self._offload(secure.take_masked, cid, received or msg["weights"])
-        except SecAggError as exc:
+                await self._offload(secure.take_masked, cid, received or msg["weights"], train_size)
+        except Exception as exc:  # SecAggError: the input does not fit; anything else is a bug, never fatal
+            if not isinstance(exc, SecAggError):
+                log.exception("round %d: the masked update from %s could not be added", msg["round_number"], cid)
+                exc = SecAggError(f"the server could not add it ({type(exc).__name__}: {exc})")
             self.echo(f"  rejected masked update from {cid}: {exc}")
             await self._reject(sid, P.CLIENT_UPDATE, f"update rejected: {exc}", cid, msg["round_number"])
             self.events.write("update_rejected", "in", msg["round_number"], cid, reason=str(exc))
             collector.settle(cid, {"accepted": False, "reason": str(exc)})
         else:
-            # the weight inside the masked input is the client's own n; this figure is only for the records
-            train_size = self._capped(cid, msg["round_number"], "train_size", msg["train_size"],
-                                      self.clients[cid].num_train, "num_train")
             collector.settle(cid, {"accepted": True, "train_size": max(1, train_size),
                                    "train_loss": float(msg["train_loss"]), "seconds": msg.get("seconds")})
             done = sum(1 for a in collector.values().values() if a.get("accepted"))

@@ -117,12 +117,12 @@ def _spy(monkeypatch):
     seen = {"masked": [], "aggregated": []}
     real_take, real_put = secagg_run.SecureRound.take_masked, UpdateStream.put
 
-    def take_masked(self, cid, source):
+    def take_masked(self, cid, source, train_size=0):
         from safetensors.numpy import load, load_file
 
         tensors = load_file(str(source)) if not isinstance(source, (bytes, bytearray)) else load(bytes(source))
         seen["masked"].append((cid, tensors[secagg_run.MASKED_TENSOR].copy()))
-        return real_take(self, cid, source)
+        return real_take(self, cid, source, train_size)
 
     def put(self, update):
         seen["aggregated"].append((update.client_id, update.num_examples))
@@ -208,7 +208,7 @@ def test_a_forged_masked_input_is_refused_and_the_round_survives(tmp_path, monke
     status, codes, server, start, lines = asyncio.run(_federation(tmp_path, detectors, "run.rounds=1",
                                                                    "server.quorum=0.5", before=forge))
     assert status == 0, "\n".join(lines)
-    assert any("rejected masked update from site-1" in line and "exactly one tensor" in line for line in lines)
+    assert any("rejected masked update from site-1" in line and "names no session" in line for line in lines)
     assert "site-1" not in server.history[0].participants
     expected = _fedavg(start, detectors, ["site-0", "site-2", "site-3"])
     assert torch.allclose(server.global_weights["bulk"].double(), expected["bulk"].double(), atol=1e-6, rtol=0)
@@ -245,13 +245,22 @@ def test_the_servers_session_refuses_messages_that_do_not_fit_the_round():
         secure.take_masked("a", b"\x00" * 64)
     from safetensors.numpy import save
 
-    wrong = save({secagg_run.MASKED_TENSOR: np.zeros(3, dtype=np.uint64)})
+    this_session = {secagg_run.SESSION_KEY: secure.session}
+    wrong = save({secagg_run.MASKED_TENSOR: np.zeros(3, dtype=np.uint64)}, metadata=this_session)
     with pytest.raises(SecAggError, match="uint64 of shape"):
         secure.take_masked("a", wrong)
+    right_shape = np.zeros(secure.core.length, dtype=np.uint64)
     with pytest.raises(SecAggError, match="not expected"):
-        secure.take_masked("d", save({secagg_run.MASKED_TENSOR: np.zeros(secure.core.length, dtype=np.uint64)}))
+        secure.take_masked("d", save({secagg_run.MASKED_TENSOR: right_shape}, metadata=this_session))
+    # a late masked input from an earlier attempt of the round: its masks would not cancel in this sum
+    with pytest.raises(SecAggError, match="belongs to session 'feedfacefeedface'"):
+        secure.take_masked("a", save({secagg_run.MASKED_TENSOR: right_shape},
+                                     metadata={secagg_run.SESSION_KEY: "feedfacefeedface"}))
+    with pytest.raises(SecAggError, match="names no session"):
+        secure.take_masked("a", save({secagg_run.MASKED_TENSOR: right_shape}))
     for cid in "abc":
-        secure.take_masked(cid, clients[cid].masked_upload(secure.envelopes_for(cid), {"w": torch.ones(8)}, start, 5))
+        secure.take_masked(cid, clients[cid].masked_upload(secure.envelopes_for(cid), {"w": torch.ones(8)}, start, 5),
+                           train_size=5)
     assert secure.core.survivors == ["a", "b", "c"]
     with pytest.raises(SecAggError, match="not expected"):  # twice
         secure.take_masked("a", clients["a"].masked_upload(secure.envelopes_for("a"), {"w": torch.ones(8)}, start, 5))
@@ -291,3 +300,20 @@ def test_with_three_clients_a_dropout_after_sharing_fails_the_round_before_any_s
     events = read_events(tmp_path / "run" / "events.jsonl")
     assert not any(e["event"] == "secagg_unmask" for e in events)  # no share was revealed for nothing
     assert torch.equal(server.global_weights["bulk"], start["bulk"])  # the global model is untouched
+
+
+def test_an_n_inside_the_masked_input_other_than_the_reported_train_size_fails_the_round(tmp_path):
+    """The server cannot see n inside a masked input, but it sees the sum: Σ n must equal Σ train_size."""
+    detectors = {f"site-{i}": DeltaDetector(0.01) for i in range(3)}
+
+    def inflate(cid, client):
+        if cid == "site-0":
+            real = client.secure.masked_upload
+            client.secure.masked_upload = lambda secagg, w, g, n: real(secagg, w, g, n * 1000)  # weight x1000
+
+    status, codes, server, start, lines = asyncio.run(_federation(
+        tmp_path, detectors, "run.rounds=1", "server.round_retries=0", before=inflate))
+    assert status == 1
+    assert any("the unmasked example count is 2004, but the survivors reported 6" in line for line in lines), \
+        "\n".join(lines)
+    assert torch.equal(server.global_weights["bulk"], start["bulk"])

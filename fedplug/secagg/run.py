@@ -33,6 +33,25 @@ from fedplug.secagg.protocol import (SecAggClient, SecAggError, SecAggServer, fe
                                      input_length)
 
 MASKED_TENSOR = "secagg.masked"  # the one tensor of a masked upload
+SESSION_KEY = "secagg_session"  # its safetensors __metadata__ names the session it was masked for
+MAX_HEADER_BYTES = 1 << 16
+
+
+def _header_metadata(source: Path | bytes) -> dict:
+    """The ``__metadata__`` of a safetensors file's header (bounded; {} when it has none)."""
+    import json
+
+    if isinstance(source, Path):
+        with open(source, "rb") as f:
+            head = f.read(8 + MAX_HEADER_BYTES)
+    else:
+        head = bytes(source[:8 + MAX_HEADER_BYTES])
+    length = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
+    if not 0 < length <= len(head) - 8:
+        raise ValueError(f"header length {length} is out of bounds")
+    header = json.loads(head[8:8 + length])
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
 # aggregators whose result from the FedAvg mean of the round equals their result from the individual updates;
 # robust ones (median, Krum) need each update, and the DP ones calibrate noise to each update's clipping
 MEAN_AGGREGATORS = frozenset({"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox"})
@@ -99,6 +118,7 @@ class SecureRound:
         self.core = SecAggServer(participants, input_length(global_weights), threshold, degree,
                                  int(settings.get("frac_bits", DEFAULT_FRAC_BITS)))
         self.session = self.core.session
+        self.reported_examples = 0  # the survivors' client_update.train_size, checked against the unmasked n
 
     @property
     def threshold(self) -> int:
@@ -133,12 +153,23 @@ class SecureRound:
         """The part of ``request_update`` that carries the envelopes addressed to ``cid``."""
         return {"session": self.session, "envelopes": self.core.envelopes_for(cid)}
 
-    def take_masked(self, cid: str, source: Path | bytes) -> None:
-        """Add ``cid``'s masked input (an uploaded file, or inline bytes) to the running sum."""
+    def take_masked(self, cid: str, source: Path | bytes, train_size: int = 0) -> None:
+        """Add ``cid``'s masked input (an uploaded file, or inline bytes) to the running sum.
+
+        ``train_size`` is what ``cid`` reported in ``client_update``: the unmasked
+        example count must come out as the survivors' sum of it (:meth:`mean`).
+        """
         try:
             tensors = st_load_file(str(source)) if isinstance(source, Path) else st_load(bytes(source))
+            session = _header_metadata(source).get(SESSION_KEY)
         except (SafetensorError, OSError, ValueError) as exc:
             raise SecAggError(f"the masked input is not a safetensors file: {exc}") from None
+        if session != self.session:
+            # masked for another session (a late answer from a failed attempt of this round): its masks
+            # would not cancel in this sum
+            which = f"belongs to session {str(session)[:20]!r}" if session is not None else \
+                f"names no session (__metadata__ {SESSION_KEY!r})"
+            raise SecAggError(f"the masked input {which}, not this round's {self.session}")
         if set(tensors) != {MASKED_TENSOR}:
             raise SecAggError(f"a masked input holds exactly one tensor named {MASKED_TENSOR!r}, got "
                               f"{sorted(tensors)[:3]}")
@@ -147,6 +178,7 @@ class SecureRound:
             raise SecAggError(f"{MASKED_TENSOR} must be uint64 of shape ({self.core.length},), got "
                               f"{masked.dtype} {masked.shape}")
         self.core.receive_masked_input(cid, masked)
+        self.reported_examples += int(train_size)
 
     def unmask_problem(self) -> str | None:
         """Why the survivors cannot unmask the sum, or None -- checked before anyone is asked for a share.
@@ -185,8 +217,11 @@ class SecureRound:
         """The FedAvg mean of the survivors' updates and their example count (worker thread: PRGs of the model)."""
         total = self.core.unmasked_sum()
         count = float(total[-1])
-        if not np.isfinite(count) or count < 0.5:
-            raise SecAggError(f"the unmasked example count is {count:.3g}: a client sent a malformed input")
+        if not np.isfinite(count) or abs(count - self.reported_examples) > 0.5:
+            # a client put another n inside its input than it reported, or a share or input was forged:
+            # the sum is not the survivors' honest one, so it must not become the global model
+            raise SecAggError(f"the unmasked example count is {count:.6g}, but the survivors reported "
+                              f"{self.reported_examples} training images in client_update.train_size")
         return fedavg_from_sum(total, global_weights), int(round(count))
 
 
@@ -246,7 +281,8 @@ class ClientSessions:
             raise SecAggError(str(exc)) from None
         except InvalidTag:
             raise SecAggError("an envelope addressed to this client does not open (tampered with on the way)") from None
-        return st_save({MASKED_TENSOR: np.ascontiguousarray(masked, dtype=np.uint64)})
+        return st_save({MASKED_TENSOR: np.ascontiguousarray(masked, dtype=np.uint64)},
+                       metadata={SESSION_KEY: session.session})
 
     def on_unmask(self, msg: Mapping[str, Any]) -> dict:
         """``secagg_unmask`` -> ``secagg_unmask_shares``."""
