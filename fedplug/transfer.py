@@ -307,16 +307,9 @@ def _answer(reply: Any, what: str) -> dict:
     return reply
 
 
-DOWNLOAD_WINDOW = 4  # fetch_chunk requests in flight at once: the round trips overlap the server's work
+async def download(call: Call, ref: Any, max_bytes: int, progress: Progress | None = None) -> bytes:
+    """Fetch the blob ``ref`` describes, chunk by chunk; ``call`` retries across reconnects.
 
-
-async def download(call: Call, ref: Any, max_bytes: int, progress: Progress | None = None,
-                   window: int = DOWNLOAD_WINDOW) -> bytes:
-    """Fetch the blob ``ref`` describes, ``window`` chunks in flight; ``call`` retries across reconnects.
-
-    ``fetch_chunk`` is stateless on the server, so chunks may be asked for and
-    answered in any order: with one request at a time every chunk would cost a
-    full round trip plus the server's turn, with both ends idle in between.
     Raises :class:`TransferError` for a refused or corrupt transfer.
     """
     if not isinstance(ref, dict) or not isinstance(ref.get("id"), str) or not is_sha256(ref.get("sha256")):
@@ -328,10 +321,7 @@ async def download(call: Call, ref: Any, max_bytes: int, progress: Progress | No
         raise TransferError(f"weights of {size} bytes are over this client's limit of {max_bytes}")
     buffer = bytearray(size)
     total = num_chunks(size, chunk_bytes)
-    done_bytes = 0
-
-    async def fetch(index: int) -> None:
-        nonlocal done_bytes
+    for index in range(total):
         reply = _answer(await call("fetch_chunk", {"weights_id": ref["id"], "index": index}),
                         f"fetch_chunk {index}/{total}")
         data = reply.get("data")
@@ -342,23 +332,8 @@ async def download(call: Call, ref: Any, max_bytes: int, progress: Progress | No
         if reply.get("sha256") != sha256_hex(data):
             raise TransferError(f"fetch_chunk {index}: the chunk does not match its sha256")
         buffer[start:start + expected] = data
-        done_bytes += expected
         if progress is not None:
-            progress(done_bytes, size)
-
-    pending: set[asyncio.Task] = set()
-    next_index = 0
-    try:
-        while next_index < total or pending:
-            while next_index < total and len(pending) < max(1, int(window)):
-                pending.add(asyncio.ensure_future(fetch(next_index)))
-                next_index += 1
-            finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in finished:
-                task.result()  # a refused or corrupt chunk ends the download
-    finally:
-        for task in pending:
-            task.cancel()
+            progress(start + expected, size)
     if sha256_hex(buffer) != ref["sha256"]:
         raise TransferError("the downloaded weights do not match their sha256")
     return bytes(buffer)
