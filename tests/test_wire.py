@@ -67,3 +67,24 @@ def test_mismatches_with_the_global_model_are_named(mutate, message):
     mutate(state)
     with pytest.raises(WireError, match=message):
         check_against_spec(state, spec_of(reference))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_single_non_finite_value_is_found_in_any_slice_of_any_float_dtype(dtype, bad):
+    from fedplug.wire import CHECK_SLICE, _finite_in_slices
+
+    t = torch.zeros(2 * CHECK_SLICE + 5, dtype=dtype)
+    assert _finite_in_slices(t, None, 0)
+    for where in (0, CHECK_SLICE + 7, t.numel() - 1):
+        u = t.clone()
+        u[where] = bad
+        assert not _finite_in_slices(u, None, 0), (dtype, bad, where)
+
+
+def test_huge_finite_float64_values_whose_sum_overflows_are_still_finite():
+    from fedplug.wire import _finite_in_slices
+
+    assert _finite_in_slices(torch.full((10,), 1e308, dtype=torch.float64), None, 0)
+    largest = torch.finfo(torch.float32).max  # float32's largest values: their float64 sum cannot overflow
+    assert _finite_in_slices(torch.full((1 << 20,), largest, dtype=torch.float32), None, 0)
