@@ -95,7 +95,10 @@ def fedplug_aggregate(
         once; do not keep every update unless the method's definition needs
         all of them at once (median, Krum), and say so in the docstring.
         Each update's weights match ``global_weights`` in names, shapes and
-        dtypes and are finite.  Read-only.
+        dtypes and are finite.  Read-only.  Under secure aggregation
+        (``secagg.enabled``) the server calls this after unmasking instead,
+        and the stream yields one update, ``client_id`` ``"secagg"``: the
+        FedAvg mean of the round, with ``num_examples`` the clients' total.
     :param round_number: the round being aggregated, from 1.
     :param config: this aggregator's config group as a dict.
     :param state: the aggregator's persistent state across rounds (e.g. server
