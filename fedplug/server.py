@@ -707,10 +707,7 @@ class FederationServer:
                     weights = await (self._offload(open_checked, received, self.spec) if received is not None
                                      else self._offload(decode_checked, msg["weights"], self.spec))
         except WireError as exc:
-            self.echo(f"  rejected update from {cid}: {exc}")
-            await self._reject(sid, P.CLIENT_UPDATE, f"update rejected: {exc}", cid, rnd)
-            self.events.write("update_rejected", "in", rnd, cid, reason=str(exc))
-            collector.settle(cid, {"accepted": False, "reason": str(exc)})
+            await self._refuse_update(sid, cid, rnd, collector, f"update from {cid}", exc)
         else:
             update = ClientUpdate(cid, rnd, weights, int(train_size), float(msg["train_loss"]),
                                   metrics=dict(msg.get("metrics") or {}))
@@ -723,6 +720,14 @@ class FederationServer:
                       f"loss {update.train_loss:.4f}, {size / 1e6:.1f} MB")
         finally:
             collector.end_work()
+
+    async def _refuse_update(self, sid: str, cid: str, rnd: int, collector: PhaseCollector, what: str,
+                             exc: Exception) -> None:
+        """An update that fails its checks: told to the client, logged, and settled as not accepted."""
+        self.echo(f"  rejected {what}: {exc}")
+        await self._reject(sid, P.CLIENT_UPDATE, f"update rejected: {exc}", cid, rnd)
+        self.events.write("update_rejected", "in", rnd, cid, reason=str(exc))
+        collector.settle(cid, {"accepted": False, "reason": str(exc)})
 
     async def _take_masked(self, sid: str, cid: str, msg: dict, received: Path | None, collector: PhaseCollector,
                            size: int) -> None:
@@ -739,10 +744,7 @@ class FederationServer:
             if not isinstance(exc, SecAggError):
                 log.exception("round %d: the masked update from %s could not be added", msg["round_number"], cid)
                 exc = SecAggError(f"the server could not add it ({type(exc).__name__}: {exc})")
-            self.echo(f"  rejected masked update from {cid}: {exc}")
-            await self._reject(sid, P.CLIENT_UPDATE, f"update rejected: {exc}", cid, msg["round_number"])
-            self.events.write("update_rejected", "in", msg["round_number"], cid, reason=str(exc))
-            collector.settle(cid, {"accepted": False, "reason": str(exc)})
+            await self._refuse_update(sid, cid, msg["round_number"], collector, f"masked update from {cid}", exc)
         else:
             collector.settle(cid, {"accepted": True, "train_size": max(1, train_size),
                                    "train_loss": float(msg["train_loss"]), "seconds": msg.get("seconds")})

@@ -229,19 +229,9 @@ class MappedState(dict):
 
     def release_tensor(self, name: str) -> None:
         """Hand back the pages of one tensor (an aggregator folded it in); it stays valid, like the others."""
-        import mmap
-
         span = self._spans.get(name)
-        if span is None or span[1] < mmap.PAGESIZE:
-            return
-        offset, nbytes = span
-        first = offset + (-offset) % mmap.PAGESIZE  # whole pages inside this tensor only: neighbours keep theirs
-        last = (offset + nbytes) - (offset + nbytes) % mmap.PAGESIZE
-        if last > first:
-            try:
-                self._mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
-            except (AttributeError, OSError, ValueError):
-                pass
+        if span is not None:
+            _release_pages(self._mapping, *span)
 
     def release_pages(self) -> None:
         """Hand the file's pages back to the kernel; the tensors stay valid (they fault back in when read)."""
@@ -256,6 +246,23 @@ class MappedState(dict):
 CHECK_SLICE = 1 << 20  # values checked at a time: isfinite's temporaries stay a few MB, whatever the tensor
 
 
+def _release_pages(mapping: Any, offset: int, nbytes: int) -> None:
+    """``MADV_DONTNEED`` the whole pages inside ``[offset, offset + nbytes)`` of a private file mapping.
+
+    Only pages wholly inside the range: a neighbouring tensor's part of a shared
+    page keeps it.  The bytes stay readable (they fault back in from the file).
+    """
+    import mmap
+
+    first = offset + (-offset) % mmap.PAGESIZE
+    last = (offset + nbytes) - (offset + nbytes) % mmap.PAGESIZE
+    if last > first:
+        try:
+            mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+        except (AttributeError, OSError, ValueError):
+            pass
+
+
 def _finite_in_slices(tensor: torch.Tensor, mapping: Any, offset: int) -> bool:
     """Whether every value is finite, read ``CHECK_SLICE`` values at a time.
 
@@ -264,8 +271,6 @@ def _finite_in_slices(tensor: torch.Tensor, mapping: Any, offset: int) -> bool:
     tensor is a view of it from ``offset``) each checked slice's pages go back
     to the kernel at once, so checking a file never holds more than a slice of it.
     """
-    import mmap
-
     flat = tensor.reshape(-1)
     size = flat.element_size()
     for start in range(0, flat.numel(), CHECK_SLICE):
@@ -275,16 +280,8 @@ def _finite_in_slices(tensor: torch.Tensor, mapping: Any, offset: int) -> bool:
         if not bool(torch.isfinite(part.sum(dtype=torch.float64))):
             if part.dtype != torch.float64 or not bool(torch.isfinite(part).all()):  # float64 sums can overflow
                 return False
-        if mapping is not None and part.numel() * size >= 4 * mmap.PAGESIZE:
-            first = offset + start * size
-            last = first + part.numel() * size
-            first += (-first) % mmap.PAGESIZE  # whole pages of this slice only
-            last -= last % mmap.PAGESIZE
-            if last > first:
-                try:
-                    mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
-                except (AttributeError, OSError, ValueError):
-                    pass
+        if mapping is not None:
+            _release_pages(mapping, offset + start * size, part.numel() * size)
     return True
 
 

@@ -59,6 +59,37 @@ def _stop_all(procs):
             p.wait()
 
 
+def kill_and_restart(server, clients, victim, event, folder, port, tmp_path, env, delay=0.0, server_timeout=400):
+    """When the server logs ``event`` for ``victim`` in round 1, SIGKILL it, restart it 3 s later, await the run.
+
+    Returns ``(server output, restarted process, its output, when the kill was)``;
+    every process is stopped whatever happens.
+    """
+    events_file = tmp_path / "server" / "events.jsonl"
+    restarted = None
+    try:
+        def victim_in_phase():
+            return events_file.exists() and any(
+                e["event"] == event and e["client_id"] == victim and e["round"] == 1
+                for e in read_events(events_file))
+
+        try:
+            _wait_for(victim_in_phase, 300, f"{victim}'s {event} in round 1")
+        except AssertionError:
+            _stop_all([server, *clients.values()])
+            raise AssertionError(f"{victim} never got to {event} in round 1; server said:\n{server.stdout.read()}")
+        time.sleep(delay)
+        clients[victim].send_signal(signal.SIGKILL)
+        clients[victim].wait()
+        killed_at = time.time()
+        time.sleep(3)
+        restarted = _client(victim, port, folder, tmp_path, env)
+        out = _finish(server, server_timeout)
+        return out, restarted, _finish(restarted, 60), killed_at
+    finally:
+        _stop_all([server, *clients.values(), *([restarted] if restarted else [])])
+
+
 @pytest.mark.parametrize("phase", list(PHASES))
 def test_a_client_killed_in_each_phase_and_restarted_rejoins_without_stalling_the_round(tmp_path, phase):
     from fedplug.data.synthetic import generate_synthetic_federation
@@ -73,30 +104,10 @@ def test_a_client_killed_in_each_phase_and_restarted_rejoins_without_stalling_th
          "eval.clients=all", *DEADLINES, *TINY, f"hydra.run.dir={run_dir}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
     clients = {f"site{i}": _client(f"site{i}", port, folders[i], tmp_path, env) for i in range(2)}
-    restarted = None
     event, delay = PHASES[phase]
     events_file = run_dir / "events.jsonl"
-    try:
-        def victim_in_phase():
-            return events_file.exists() and any(
-                e["event"] == event and e["client_id"] == "site1" and e["round"] == 1
-                for e in read_events(events_file))
-
-        try:
-            _wait_for(victim_in_phase, 240, f"site1 in round 1's {phase}")
-        except AssertionError:
-            _stop_all([server, *clients.values()])
-            raise AssertionError(f"site1 never reached round 1's {phase}; server said:\n{server.stdout.read()}")
-        time.sleep(delay)
-        clients["site1"].send_signal(signal.SIGKILL)
-        clients["site1"].wait()
-        killed_at = time.time()
-        time.sleep(3)
-        restarted = _client("site1", port, folders[1], tmp_path, env)
-        out = _finish(server, 400)
-        restarted_out = _finish(restarted, 60)
-    finally:
-        _stop_all([server, *clients.values(), *([restarted] if restarted else [])])
+    out, restarted, restarted_out, killed_at = kill_and_restart(server, clients, "site1", event, folders[1], port,
+                                                                tmp_path, env, delay=delay)
     assert server.returncode == 0, out
     assert restarted.returncode == 0, restarted_out
     history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

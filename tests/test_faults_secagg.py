@@ -11,16 +11,14 @@ tests/test_secagg_federation.py drops clients in them deterministically.)
 """
 
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from fedplug.outputs import read_events
-from test_faults_clients import DEADLINES, GRACE, TINY, _client, _finish, _stop_all
-from test_federation_e2e import _env, _free_port, _wait_for
+from test_faults_clients import DEADLINES, GRACE, TINY, _client, kill_and_restart
+from test_federation_e2e import _env, _free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -38,29 +36,10 @@ def test_a_client_killed_while_training_in_a_secure_round_does_not_stall_or_spoi
          f"hydra.run.dir={run_dir}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
     clients = {f"site{i}": _client(f"site{i}", port, folders[i], tmp_path, env) for i in range(4)}
-    restarted = None
     events_file = run_dir / "events.jsonl"
-    try:
-        def victim_in_phase():
-            return events_file.exists() and any(
-                e["event"] == "request_update" and e["client_id"] == "site3" and e["round"] == 1
-                for e in read_events(events_file))
-
-        try:
-            _wait_for(victim_in_phase, 300, "site3 training in round 1")
-        except AssertionError:
-            _stop_all([server, *clients.values()])
-            raise AssertionError(f"site3 never trained in round 1; server said:\n{server.stdout.read()}")
-        # at once: it is fetching the global model in 4 KiB chunks (server.chunk_kb=4), well before its upload
-        clients["site3"].send_signal(signal.SIGKILL)
-        clients["site3"].wait()
-        killed_at = time.time()
-        time.sleep(3)
-        restarted = _client("site3", port, folders[3], tmp_path, env)
-        out = _finish(server, 500)
-        restarted_out = _finish(restarted, 60)
-    finally:
-        _stop_all([server, *clients.values(), *([restarted] if restarted else [])])
+    # at once: it is fetching the global model in 4 KiB chunks (server.chunk_kb=4), well before its upload
+    out, restarted, restarted_out, killed_at = kill_and_restart(server, clients, "site3", "request_update",
+                                                                folders[3], port, tmp_path, env, server_timeout=500)
     assert server.returncode == 0, out
     assert restarted.returncode == 0, restarted_out
     history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

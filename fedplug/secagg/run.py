@@ -23,9 +23,6 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 from cryptography.exceptions import InvalidTag
-from safetensors import SafetensorError
-from safetensors.numpy import load as st_load
-from safetensors.numpy import load_file as st_load_file
 from safetensors.numpy import save as st_save
 
 from fedplug.secagg.masking import DEFAULT_FRAC_BITS
@@ -37,21 +34,49 @@ SESSION_KEY = "secagg_session"  # its safetensors __metadata__ names the session
 MAX_HEADER_BYTES = 1 << 16
 
 
-def _header_metadata(source: Path | bytes) -> dict:
-    """The ``__metadata__`` of a safetensors file's header (bounded; {} when it has none)."""
+def _read_masked(source: Path | bytes) -> tuple[dict, dict[str, tuple[str, list, int, int]], np.ndarray | None]:
+    """A masked upload's header parsed once: ``(metadata, {name: (dtype, shape, start, end)}, the U64 data)``.
+
+    The data is a read-only view of the file (``numpy.memmap``) or of the inline
+    bytes, not a copy: a masked input is twice the model, and the server only
+    adds it into its running sum.  Raises ``ValueError`` for a malformed file.
+    """
     import json
 
     if isinstance(source, Path):
+        size = source.stat().st_size
         with open(source, "rb") as f:
             head = f.read(8 + MAX_HEADER_BYTES)
     else:
-        head = bytes(source[:8 + MAX_HEADER_BYTES])
+        size, head = len(source), bytes(source[:8 + MAX_HEADER_BYTES])
     length = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
     if not 0 < length <= len(head) - 8:
         raise ValueError(f"header length {length} is out of bounds")
     header = json.loads(head[8:8 + length])
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    return metadata if isinstance(metadata, dict) else {}
+    if not isinstance(header, dict):
+        raise ValueError("the header is not an object")
+    metadata = header.pop("__metadata__", None)
+    entries = {}
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("data_offsets"), list) \
+                or len(entry["data_offsets"]) != 2:
+            raise ValueError(f"entry {str(name)[:40]!r} is malformed")
+        start, end = entry["data_offsets"]
+        entries[name] = (entry.get("dtype"), entry.get("shape"), start, end)
+    data = None
+    entry = entries.get(MASKED_TENSOR)
+    if len(entries) == 1 and entry is not None and entry[0] == "U64":
+        _, _, start, end = entry
+        offset = 8 + length + start
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end
+                and (end - start) % 8 == 0 and offset + (end - start) == size):
+            raise ValueError(f"{MASKED_TENSOR} spans {[start, end]}, which does not fit the file's {size} bytes")
+        count = (end - start) // 8
+        data = (np.memmap(source, dtype="<u8", mode="r", offset=offset, shape=(count,)) if isinstance(source, Path)
+                else np.frombuffer(source, dtype="<u8", count=count, offset=offset))
+    return metadata if isinstance(metadata, dict) else {}, entries, data
+
+
 # aggregators whose result from the FedAvg mean of the round equals their result from the individual updates;
 # robust ones (median, Krum) need each update, and the DP ones calibrate noise to each update's clipping
 MEAN_AGGREGATORS = frozenset({"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox"})
@@ -160,23 +185,23 @@ class SecureRound:
         example count must come out as the survivors' sum of it (:meth:`mean`).
         """
         try:
-            tensors = st_load_file(str(source)) if isinstance(source, Path) else st_load(bytes(source))
-            session = _header_metadata(source).get(SESSION_KEY)
-        except (SafetensorError, OSError, ValueError) as exc:
+            metadata, entries, masked = _read_masked(source)
+        except (OSError, ValueError) as exc:
             raise SecAggError(f"the masked input is not a safetensors file: {exc}") from None
+        session = metadata.get(SESSION_KEY)
         if session != self.session:
             # masked for another session (a late answer from a failed attempt of this round): its masks
             # would not cancel in this sum
             which = f"belongs to session {str(session)[:20]!r}" if session is not None else \
                 f"names no session (__metadata__ {SESSION_KEY!r})"
             raise SecAggError(f"the masked input {which}, not this round's {self.session}")
-        if set(tensors) != {MASKED_TENSOR}:
+        if set(entries) != {MASKED_TENSOR}:
             raise SecAggError(f"a masked input holds exactly one tensor named {MASKED_TENSOR!r}, got "
-                              f"{sorted(tensors)[:3]}")
-        masked = tensors[MASKED_TENSOR]
-        if masked.dtype != np.uint64 or masked.shape != (self.core.length,):
+                              f"{sorted(map(str, entries))[:3]}")
+        dtype, shape, _, _ = entries[MASKED_TENSOR]
+        if masked is None or shape != [self.core.length] or masked.shape != (self.core.length,):
             raise SecAggError(f"{MASKED_TENSOR} must be uint64 of shape ({self.core.length},), got "
-                              f"{masked.dtype} {masked.shape}")
+                              f"{dtype} {shape}")
         self.core.receive_masked_input(cid, masked)
         self.reported_examples += int(train_size)
 
