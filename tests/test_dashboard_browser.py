@@ -94,11 +94,12 @@ async def _watch(tmp_path: Path, playwright_api) -> dict:
                 result["after_round_1"] = await page.inner_text("#rounds tbody")
 
                 victim = names[-1]
-                await until("v => { const r = document.querySelector(`#clients tr[data-client=\"${v}\"]`);"
-                            " return r && r.dataset.state === 'training' &&"
-                            " document.getElementById('round').textContent.startsWith('2 /'); }",
-                            arg=victim, what=f"{victim} training in round 2")
-                processes.procs[victim].kill()  # SIGKILL in the middle of its round-2 training
+                # killed as soon as the page shows round 2: a round takes about half a second here, shorter than
+                # the page's polling, so waiting to *see* the victim training raced with its training ending
+                await until("v => document.querySelector(`#clients tr[data-client=\"${v}\"]`) &&"
+                            " document.getElementById('round').textContent.startsWith('2 /')",
+                            arg=victim, what=f"round 2 with {victim} in the table")
+                processes.procs[victim].kill()  # SIGKILL during round 2
                 await until("v => document.querySelector(`#clients tr[data-client=\"${v}\"]`)"
                             ".dataset.state === 'dropped'", arg=victim, what=f"{victim} dropped")
                 result["victim_row"] = await page.inner_text(f'#clients tr[data-client="{victim}"]')
