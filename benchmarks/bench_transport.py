@@ -254,6 +254,7 @@ def run_fedplug(model: str, k: int, args, root: Path, broadcast_bytes: int, mode
             starts[e["round"]] = e["time"]
     s_round, times = median_round(starts, args.rounds)
     timed = set(range(2, args.rounds + 1))
+    phases = round_phases(events, starts, timed)
     ups = [e for e in events if e["event"] == "client_update" and e["direction"] == "in" and e["round"] in timed]
     chunks = [e.get("chunks", 0) for e in events if e["event"] == "upload_started" and e["round"] in timed]
     client_peaks = [v for n, v in watch.peak.items() if n != "server"]
@@ -265,7 +266,43 @@ def run_fedplug(model: str, k: int, args, root: Path, broadcast_bytes: int, mode
         "up_bytes_per_round": sum(e.get("bytes", 0) for e in ups) / max(1, len(times)),
         "down_bytes_per_round": k * broadcast_bytes,
         "up_chunks_per_round": sum(chunks) / max(1, len(times)),
+        "phases": phases,
     }
+
+
+PHASES = (("resource check", "check_client_resource out", "last check_client_resource_done in"),
+          ("to the broadcast", "last check_client_resource_done in", "first request_update out"),
+          ("download+train+encode", "first request_update out", "last upload_started in"),
+          ("upload", "last upload_started in", "last client_update in"),
+          ("aggregate+commit", "last client_update in", "round_committed"),
+          ("to the next round", "round_committed", "next check_client_resource out"))
+
+
+def round_phases(events: list[dict], starts: dict[int, float], timed: set[int]) -> dict[str, float]:
+    """Median seconds of each phase of a timed round, from events.jsonl: where a round's time goes."""
+    marks: dict[int, dict[str, float]] = {}
+    for e in events:
+        r, t, key = e.get("round"), e["time"], f"{e['event']} {e['direction']}"
+        if r not in timed:
+            continue
+        m = marks.setdefault(r, {})
+        if key == "check_client_resource out":
+            m.setdefault(key, t)
+        elif key == "request_update out":
+            m.setdefault("first request_update out", t)
+        elif key in ("check_client_resource_done in", "upload_started in", "client_update in"):
+            m[f"last {key}"] = t
+        elif key == "round_committed local":
+            m["round_committed"] = t
+    for r, m in marks.items():
+        if r + 1 in starts:
+            m["next check_client_resource out"] = starts[r + 1]
+    out: dict[str, float] = {}
+    for name, a, b in PHASES:
+        spans = [m[b] - m[a] for m in marks.values() if a in m and b in m]
+        if spans:
+            out[name] = statistics.median(spans)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ Flower
@@ -510,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{fmt(r.get('server_growth_x_model'), '.1f'):>9}{fmt(r.get('client_peak_mb'), '.0f'):>10} MB"
             f"{fmt(r.get('up_bytes_per_round') and r['up_bytes_per_round'] / 1e6, '.1f'):>11}"
             f"{fmt(r.get('down_bytes_per_round') and r['down_bytes_per_round'] / 1e6, '.1f'):>12}")
+        if r.get("phases"):
+            lines.append(f"{'':<15}where the round goes (median s): "
+                         + ", ".join(f"{n} {v:.2f}" for n, v in r["phases"].items()))
         if r.get("flower_over_fedplug"):
             lines.append(f"{'':<15}Flower / fedplug s/round: {r['flower_over_fedplug']:.2f}x")
     command = "python benchmarks/bench_transport.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+import re
 import socket
 import time
 from typing import Any, Mapping
@@ -143,7 +144,8 @@ class FederationClient:
         # server asks again (it re-sends a phase's request to a client that rejoins owing the answer)
         self.jobs: dict[tuple[str, int], str] = {}
         self.answers: dict[tuple[str, int], tuple[dict, bytes | None]] = {}
-        self._weights_cache: tuple[str, bytes] | None = None  # (sha256, bytes) of the last download
+        self._weights_cache: tuple[str, bytearray] | None = None  # (sha256, bytes) of the last download
+        self.chunk_bytes: int | None = None  # init.transfer.chunk_bytes: protocol 3 uploads hash chunks of this size
         # how this client finds the detector and policy the server names; tests put in-process plugins here
         self.activate_plugins = activate
         self.open_codec = open_codec  # how this client loads the codec named in init.codec
@@ -328,10 +330,14 @@ class FederationClient:
         @sio.on(P.PROTOCOL_ERROR)
         async def protocol_error(data):
             data = data if isinstance(data, dict) else {}
-            if (data.get("event") == P.CLIENT_WAKE_UP and "protocol version" in str(data.get("reason"))
-                    and self.protocol_version > 1):
-                self.protocol_version = 1  # an older server: speak version 1 on the next connection
-                self.echo(f"[{self.client_id}] the server does not speak protocol version 2; using version 1")
+            reason = str(data.get("reason"))
+            if data.get("event") == P.CLIENT_WAKE_UP and "protocol version" in reason and self.protocol_version > 1:
+                # an older server: speak the newest version it lists ("... speaks versions 1, 2") next time
+                spoken = [int(v) for v in re.findall(r"\d+", reason.partition("speaks versions")[2])]
+                older = [v for v in spoken if v in P.SUPPORTED_VERSIONS and v < self.protocol_version]
+                refused, self.protocol_version = self.protocol_version, max(older, default=1)
+                self.echo(f"[{self.client_id}] the server does not speak protocol version {refused}; "
+                          f"using version {self.protocol_version}")
                 return
             self.echo(f"[{self.client_id}] the server rejected {data.get('event')}: {data.get('reason')}")
 
@@ -376,6 +382,9 @@ class FederationClient:
     async def _on_init(self, data: dict) -> None:
         if isinstance(data, dict) and data.get("protocol_version") in P.SUPPORTED_VERSIONS:
             self.protocol_version = int(data["protocol_version"])  # what the server agreed to speak
+        transfer_cfg = data.get("transfer") if isinstance(data, dict) else None
+        chunk = transfer_cfg.get("chunk_bytes") if isinstance(transfer_cfg, dict) else None
+        self.chunk_bytes = chunk if isinstance(chunk, int) and not isinstance(chunk, bool) and chunk > 0 else None
         if self.data is not None and self.init_config is not None:
             # a reconnect: setup is cheap then, and must not wait behind a training job holding the lock
             num_train, num_test = await self._offload_setup(data)
@@ -452,7 +461,7 @@ class FederationClient:
                 num_examples = min(int(result.num_examples), len(self.data.train))
                 weights = self.secure.masked_upload(secagg, result.weights, global_state, num_examples)
             else:
-                weights = (self.codec or self._use_codec(None)).encode(result.weights, global_state)
+                weights = (self.codec or self._use_codec(None)).encode_for_upload(result.weights, global_state)
         except SecAggError as exc:
             log.exception("round %d: secure aggregation failed", rnd)
             return {"round_number": rnd, "ok": False, "train_size": 0, "train_loss": 0.0,
@@ -472,10 +481,15 @@ class FederationClient:
         if ref is None:
             return data["weights"]
         digest = ref.get("sha256") if isinstance(ref, dict) else None
-        if self._weights_cache is not None and self._weights_cache[0] == digest:
-            return self._weights_cache[1]
+        chunk = ref.get("chunk_bytes") if isinstance(ref, dict) else None
+        if self._weights_cache is not None and self._weights_cache[0] == digest and isinstance(chunk, int) \
+                and chunk > 0:
+            # the same weights asked again (a re-sent request): kept, unless a detector wrote into the
+            # tensors it was handed (they are views of this buffer) -- then they are fetched again
+            if transfer.blob_sha256(self._weights_cache[1], chunk, self.protocol_version) == digest:
+                return self._weights_cache[1]
         started, size = time.monotonic(), ref.get("size") if isinstance(ref, dict) else None
-        weights = await transfer.download(self._call, ref, self.max_bytes)
+        weights = await transfer.download(self._call, ref, self.max_bytes, version=self.protocol_version)
         self._weights_cache = (digest, weights)
         log.info("round %d: %s weights, %s bytes, downloaded in %.1fs", rnd, what, size, time.monotonic() - started)
         return weights
@@ -525,13 +539,15 @@ class FederationClient:
         if blob is not None:
             if self.protocol_version >= 2:
                 try:
-                    message["weights_ref"] = await transfer.upload(self._call, blob, key[1])
+                    message["weights_ref"] = await transfer.upload(self._call, blob, key[1],
+                                                                   version=self.protocol_version,
+                                                                   chunk_bytes=self.chunk_bytes)
                 except transfer.TransferError as exc:
                     self.echo(f"[{self.client_id}] round {key[1]}: the upload failed: {exc}")
                     self.jobs[key] = "sent"
                     return
             else:
-                message["weights"] = blob
+                message["weights"] = blob if isinstance(blob, bytes) else blob.to_bytes()
         sent = await self._send(P.CLIENT_UPDATE, message)
         self.jobs[key] = "sent" if sent else "working"
 

@@ -38,7 +38,9 @@ from typing import Any, Callable, Mapping
 import torch
 
 from fedplug.types import StateDict
-from fedplug.wire import ModelSpec, WireError, check_against_spec, spec_of
+from fedplug.wire import ModelSpec, SafetensorsLayout, WireError, check_against_spec, spec_of
+
+PLAIN_CODEC = "fedplug_plugins.codecs.none"  # the entry point of the built-in ``none`` codec
 
 DEFAULT_CODEC = "none"
 
@@ -95,6 +97,24 @@ class ActiveCodec:
     hook: Any
     who: str
     state: dict = field(default_factory=dict)
+    plain: bool = False  # the built-in ``none``: the update is the plain safetensors file of the weights
+
+    def encode_for_upload(self, weights: StateDict, reference: StateDict) -> Any:
+        """What a client uploads: :meth:`encode`'s bytes, or for the plain codec a layout of the tensors.
+
+        The plain codec's bytes are the safetensors file of ``weights``; a
+        :class:`fedplug.wire.SafetensorsLayout` reads its chunks straight from the
+        tensors, so the upload costs no model-sized buffer and no serialisation pass.
+        The same file either way (``to_bytes()`` for an inline, protocol-1 upload).
+        """
+        if not self.plain:
+            return self.encode(weights, reference)
+        layout = SafetensorsLayout(weights)
+        bound = size_bound(reference)
+        if layout.size > bound:
+            raise CodecError(f"{self.who} encoded the update into {layout.size} bytes, over the limit of {bound} "
+                             "(the model's raw tensors plus header room) that the server accepts")
+        return layout
 
     @property
     def name(self) -> str:
@@ -181,6 +201,6 @@ def open_codec(value: Any = None, *, activate: Callable[..., Any] | None = None,
     active = (activate or plugins.activate)({"codec": config["name"]}, observers=False)
     info = active.selected.get("codec")
     who = f"codec {info.describe()}" if info is not None else f"codec {config['name']!r}"
-    codec = ActiveCodec(config, active.hook, who)
+    codec = ActiveCodec(config, active.hook, who, plain=info is not None and info.value == PLAIN_CODEC)
     codec.check(reference)
     return codec

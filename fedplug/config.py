@@ -90,7 +90,7 @@ def validate(cfg: Any) -> None:
     _number(cfg, "client.reconnect_delay_max_s", 0.0, open_low=True)
     _int(cfg, "client.reconnect_attempts", 0)
     _number(cfg, "client.call_timeout_s", 0.0, open_low=True)
-    _choice(cfg, "client.protocol_version", ("1", "2"))
+    _choice(cfg, "client.protocol_version", ("1", "2", "3"))
     chunk_kb = _int(cfg, "server.chunk_kb", 4)
     if chunk_kb > 65536:
         raise ConfigError(f"server.chunk_kb must be <= 65536 (64 MiB), got {chunk_kb}")

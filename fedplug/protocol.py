@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-PROTOCOL_VERSION = 2  # the newest this code speaks
-SUPPORTED_VERSIONS = (1, 2)  # 1: weights inline in one message; 2: chunked, resumable (fedplug/transfer.py)
+PROTOCOL_VERSION = 3  # the newest this code speaks
+# 1: weights inline in one message; 2: chunked, resumable (fedplug/transfer.py); 3: as 2, with the whole
+# blob's sha256 replaced by the chunk-list digest (one hash pass per byte instead of two)
+SUPPORTED_VERSIONS = (1, 2, 3)
 
 # client -> server
 CLIENT_WAKE_UP = "client_wake_up"

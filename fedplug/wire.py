@@ -12,6 +12,7 @@ threads, never on the event loop.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -98,10 +99,21 @@ def check_against_spec(state: StateDict, spec: ModelSpec) -> None:
             raise WireError(f"tensor {name!r} holds NaN or Inf values")
 
 
-def decode_checked(data: bytes, spec: ModelSpec, *, max_bytes: int | None = None) -> StateDict:
-    """Decode peer bytes and validate them against the global model's spec."""
-    state = decode_state(data, max_bytes=max_bytes)
-    check_against_spec(state, spec)
+def decode_checked(data: bytes | bytearray, spec: ModelSpec, *, max_bytes: int | None = None) -> StateDict:
+    """Decode peer bytes and validate them against the global model's spec.
+
+    The tensors are views of ``data`` when it is a ``bytearray`` (a client's download: no
+    model-sized copy, twice over, as safetensors' own loader made); other bytes are copied once
+    into one.  Raises :class:`WireError`, never anything else.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError(f"weights must be binary safetensors data, got {type(data).__name__}")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise WireError(f"weights are {len(data)} bytes, over the configured limit of {max_bytes}")
+    if len(data) < 8:
+        raise WireError(f"weights are not valid safetensors data: {len(data)} bytes")
+    buffer = data if isinstance(data, bytearray) else bytearray(data)
+    state, _ = _checked_views(buffer, len(buffer), spec)
     return state
 
 
@@ -163,8 +175,6 @@ class SafetensorsLayout:
     """
 
     def __init__(self, state: StateDict, metadata: Mapping[str, str] | None = None):
-        import json
-
         self._pieces: list[tuple[int, memoryview]] = []  # (start offset in the file, bytes)
         header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
         offset = 0
@@ -190,17 +200,19 @@ class SafetensorsLayout:
         import bisect
 
         end = min(self.size, start + length)
-        out = bytearray()
+        parts = []
         i = max(0, bisect.bisect_right(self._starts, start) - 1)
         while start < end and i < len(self._pieces):
             piece_start, view = self._pieces[i]
             lo = start - piece_start
             if 0 <= lo < len(view):
                 take = min(len(view) - lo, end - start)
-                out += view[lo:lo + take]
+                parts.append(view[lo:lo + take])
                 start += take
             i += 1
-        return bytes(out)
+        # one copy of the chunk's bytes, straight from the tensors (a bytearray grown and then copied
+        # into bytes was two: 2 x the model per client per round, on the server's event loop)
+        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
 
     def views(self) -> list[memoryview]:
         """The file's bytes as views, in order: the header, then each tensor's memory."""
@@ -296,7 +308,6 @@ def open_checked(path: Path, spec: ModelSpec, *, unlink: bool = True) -> StateDi
     anything else.  With ``unlink`` the file is removed at once (its pages
     live as long as the tensors).
     """
-    import json
     import mmap
 
     path = Path(path)
@@ -311,6 +322,23 @@ def open_checked(path: Path, spec: ModelSpec, *, unlink: bool = True) -> StateDi
     finally:
         if unlink:
             path.unlink(missing_ok=True)
+    state, spans = _checked_views(mapping, size, spec, release=True)
+    mapped = MappedState(state, mapping, spans)
+    mapped.release_pages()  # the checks read every page; the kernel takes them back until an aggregator reads them
+    return mapped
+
+
+def _checked_views(buffer: Any, size: int, spec: ModelSpec, *, release: bool = False
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
+    """The tensors of the safetensors bytes in ``buffer`` (a mapping or a bytearray) as views of it, checked.
+
+    The header is parsed here, with bounds, rather than by the safetensors library, because the
+    library wants the whole file as one ``bytes`` object and copies every tensor out of it.  Names,
+    dtypes and shapes must be ``spec``'s, the tensors must tile the data exactly, and floating values
+    must be finite.  With ``release`` (``buffer`` is a private file mapping) each checked slice's pages
+    go back to the kernel.  Returns the tensors and each one's ``(offset, bytes)`` in ``buffer``.
+    """
+    mapping = buffer  # (a mapping or a bytearray: both slice, and torch.frombuffer reads both)
     header_len = int.from_bytes(mapping[:8], "little")
     if not 0 < header_len <= min(MAX_HEADER_BYTES, size - 8):
         raise WireError(f"weights are not valid safetensors data: header length {header_len} for {size} bytes")
@@ -368,9 +396,8 @@ def open_checked(path: Path, spec: ModelSpec, *, unlink: bool = True) -> StateDi
             spans[name] = (offset, end - start)
         else:  # a misaligned tensor (a peer's own writer): copy it rather than hand kernels a bad pointer
             tensor = torch.frombuffer(bytearray(mapping[offset:offset + end - start]), dtype=dtype).view(spec[name].shape)
-        if tensor.is_floating_point() and not _finite_in_slices(tensor, mapping if name in spans else None, offset):
+        if tensor.is_floating_point() and not _finite_in_slices(
+                tensor, mapping if release and name in spans else None, offset):
             raise WireError(f"tensor {name!r} holds NaN or Inf values")
         state[name] = tensor
-    mapped = MappedState(state, mapping, spans)
-    mapped.release_pages()  # the checks read every page; the kernel takes them back until an aggregator reads them
-    return mapped
+    return state, spans

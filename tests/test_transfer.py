@@ -1,4 +1,4 @@
-"""Protocol v2 transfers (fedplug/transfer.py): chunk bookkeeping, integrity, resumption."""
+"""Protocol v2/v3 transfers (fedplug/transfer.py): chunk bookkeeping, integrity, resumption."""
 
 import asyncio
 import hashlib
@@ -14,12 +14,24 @@ def _blob(n: int) -> bytes:
     return os.urandom(n)
 
 
+def _list_digest(data: bytes, chunk: int) -> str:
+    """Protocol 3's sha256, computed the way docs/protocol.md defines it (not with fedplug's helpers)."""
+    parts = [data[i:i + chunk] for i in range(0, len(data), chunk)] or [b""]
+    return hashlib.sha256(b"".join(hashlib.sha256(p).digest() for p in parts)).hexdigest()
+
+
+def _declared(data: bytes, chunk: int, version: int) -> str:
+    return _list_digest(data, chunk) if version >= 3 else sha256_hex(data)
+
+
 def test_a_download_is_served_in_chunks_of_one_shared_blob():
     downloads = Downloads(chunk_bytes=1000)
     data = _blob(2500)
     blob = downloads.offer(data, "r1-global")
-    assert blob.ref() == {"id": blob.id, "size": 2500, "sha256": hashlib.sha256(data).hexdigest(),
-                          "chunk_bytes": 1000, "num_chunks": 3}
+    assert blob.ref(2) == {"id": blob.id, "size": 2500, "sha256": hashlib.sha256(data).hexdigest(),
+                           "chunk_bytes": 1000, "num_chunks": 3}
+    assert blob.ref(3) == dict(blob.ref(2), sha256=_list_digest(data, 1000))  # the chunk-list digest
+    assert _list_digest(data, 1000) != hashlib.sha256(data).hexdigest()
     parts = [downloads.chunk(blob.id, i)[0] for i in range(3)]
     assert [len(p) for p in parts] == [1000, 1000, 500] and b"".join(parts) == data
     assert downloads.offer(data, "r1-global") is blob  # offered twice: the same bytes, no copy
@@ -39,10 +51,11 @@ def test_old_blobs_are_forgotten():
     assert downloads.chunk(ids[2], 0)[0]
 
 
-def test_an_upload_accepts_chunks_in_order_once_each_and_checks_every_hash(tmp_path):
+@pytest.mark.parametrize("version", [2, 3])
+def test_an_upload_accepts_chunks_in_order_once_each_and_checks_every_hash(tmp_path, version):
     uploads = Uploads(chunk_bytes=100, max_bytes=1000, spill_dir=tmp_path / "up")
     data = _blob(250)
-    up = uploads.begin("site1", 3, len(data), sha256_hex(data))
+    up = uploads.begin("site1", 3, len(data), _declared(data, 100, version), version)
     chunks = [data[i:i + 100] for i in range(0, 250, 100)]
     with pytest.raises(TransferError, match="out of order; send chunk 0"):
         up.accept(1, chunks[1], sha256_hex(chunks[1]))
@@ -85,10 +98,11 @@ def test_an_upload_is_bounded_and_resumed_by_round_and_hash(tmp_path):
         uploads.get("a", other.id)
 
 
-def test_a_corrupted_whole_upload_is_refused(tmp_path):
+@pytest.mark.parametrize("version", [2, 3])
+def test_a_corrupted_whole_upload_is_refused(tmp_path, version):
     uploads = Uploads(chunk_bytes=100, max_bytes=1000, spill_dir=tmp_path)
     data = _blob(150)
-    up = uploads.begin("a", 1, 150, sha256_hex(b"\0" * 150))  # declares another hash
+    up = uploads.begin("a", 1, 150, _declared(b"\0" * 150, 100, version), version)  # declares another hash
     up.accept(0, data[:100], sha256_hex(data[:100]))
     up.accept(1, data[100:], sha256_hex(data[100:]))
     with pytest.raises(TransferError, match="does not match the sha256 declared"):
@@ -99,7 +113,8 @@ def test_a_corrupted_whole_upload_is_refused(tmp_path):
 class FlakyPeer:
     """A server stand-in reached through ``call``; drops every ``drop_every``-th call as a cut link would."""
 
-    def __init__(self, chunk_bytes=64, drop_every=0):
+    def __init__(self, chunk_bytes=64, drop_every=0, version=3):
+        self.version = version
         self.downloads = Downloads(chunk_bytes)
         self.uploads = Uploads(chunk_bytes, max_bytes=10**6)  # spills to a fresh temp dir
         self.calls = 0
@@ -121,7 +136,7 @@ class FlakyPeer:
                 data, _ = self.downloads.chunk(p["weights_id"], p["index"])
                 return {"ok": True, "data": data, "sha256": sha256_hex(data)}
             if event == "begin_upload":
-                up = self.uploads.begin("c", p["round_number"], p["size"], p["sha256"])
+                up = self.uploads.begin("c", p["round_number"], p["size"], p["sha256"], self.version)
                 return {"ok": True, "upload_id": up.id, "chunk_bytes": up.chunk_bytes, "next_index": up.next_index}
             if event == "upload_chunk":
                 up = self.uploads.get("c", p["upload_id"])
@@ -131,14 +146,17 @@ class FlakyPeer:
         raise AssertionError(event)
 
 
-def test_download_and_upload_survive_lost_calls_and_report_progress():
-    peer = FlakyPeer(chunk_bytes=64, drop_every=3)
+@pytest.mark.parametrize("version", [2, 3])
+def test_download_and_upload_survive_lost_calls_and_report_progress(version):
+    peer = FlakyPeer(chunk_bytes=64, drop_every=3, version=version)
     data = _blob(1000)
-    ref = peer.downloads.offer(data, "r1").ref()
+    ref = peer.downloads.offer(data, "r1").ref(version)
+    assert ref["sha256"] == _declared(data, 64, version)
     seen = []
-    got = asyncio.run(download(peer.call, ref, max_bytes=10**6, progress=lambda done, total: seen.append(done)))
+    got = asyncio.run(download(peer.call, ref, max_bytes=10**6, progress=lambda done, total: seen.append(done),
+                               version=version))
     assert got == data and seen[-1] == 1000 and len(seen) == num_chunks(1000, 64)
-    upload_id = asyncio.run(upload(peer.call, data, 1))
+    upload_id = asyncio.run(upload(peer.call, data, 1, version=version, chunk_bytes=64))
     assert peer.dropped > 3
     assert peer.uploads.take("c", upload_id, 1).read_bytes() == data
 
@@ -173,7 +191,7 @@ def test_an_upload_the_server_lost_starts_again():
         return real(event, p)
 
     peer.handle = forgetful
-    upload_id = asyncio.run(upload(peer.call, data, 1))
+    upload_id = asyncio.run(upload(peer.call, data, 1, chunk_bytes=64))
     assert state["lost"] and peer.uploads.take("c", upload_id, 1).read_bytes() == data
 
 
@@ -224,3 +242,35 @@ def test_a_received_file_is_mapped_checked_and_refused_precisely(tmp_path):
     refused(encode_state(dict(state, w=torch.randn(3, 4))), "shape")
     refused(encode_state(dict(state, w=state["w"].double())), "dtype")
     refused(raw + b"extra", "trailing bytes")
+
+
+def test_a_layout_uploads_the_same_file_as_its_bytes_without_building_it():
+    """The plain codec's update is a SafetensorsLayout: its upload must be the very file (both protocols)."""
+    import torch
+
+    from fedplug.wire import SafetensorsLayout
+
+    state = {"w": torch.randn(100, 33), "b": torch.arange(7), "h": torch.randn(13).half()}
+    layout = SafetensorsLayout(state)
+    whole = layout.to_bytes()
+    for version in (2, 3):
+        peer = FlakyPeer(chunk_bytes=256, drop_every=4, version=version)
+        upload_id = asyncio.run(upload(peer.call, layout, 2, version=version, chunk_bytes=256))
+        assert peer.uploads.take("c", upload_id, 2).read_bytes() == whole
+
+
+def test_a_v3_upload_needs_the_chunk_size_it_was_hashed_with():
+    peer = FlakyPeer(chunk_bytes=64)
+    with pytest.raises(TransferError, match="init.transfer.chunk_bytes"):
+        asyncio.run(upload(peer.call, _blob(300), 1, version=3, chunk_bytes=None))
+    with pytest.raises(TransferError, match="chunks of 64 bytes, not the 100"):
+        asyncio.run(upload(peer.call, _blob(300), 1, version=3, chunk_bytes=100))
+
+
+def test_a_v3_download_whose_chunks_are_each_right_but_not_the_announced_ones_is_refused():
+    """Every chunk matches the hash sent with it, yet the chunk list is not what weights_ref named."""
+    peer = FlakyPeer(chunk_bytes=64)
+    announced = peer.downloads.offer(_blob(300), "r1").ref(3)
+    other = peer.downloads.offer(_blob(300), "r2")
+    with pytest.raises(TransferError, match="do not match their sha256"):
+        asyncio.run(download(peer.call, dict(announced, id=other.id), max_bytes=10**6, version=3))
