@@ -130,9 +130,9 @@ def growth(watch: Watch, baseline: dict[str, int]) -> float | None:
 
 def state_dict_of(model: str):
     sys.path.insert(0, str(PLUGIN_DIR))
-    import fedplug_bench_noop
+    import noop_model  # not the plugin module: Flower's interpreter need not have fedplug
 
-    return fedplug_bench_noop.build(MODELS[model], len(CLASSES) + 1).state_dict()
+    return noop_model.build(MODELS[model], len(CLASSES) + 1).state_dict()
 
 
 def median_round(starts: dict[int, float], rounds: int) -> tuple[float, list[float]]:
