@@ -184,7 +184,6 @@ class FederationServer:
         self.round_number = 0
         self.history: list[RoundRecord] = []
         self.best: dict[str, Any] = {"round": None, "map50": None, "test_loss": None}
-        self._commit_task: asyncio.Future | None = None  # the previous round's commit, while this round runs
         self.aggregator_state: dict = {}
         self._ready_changed = asyncio.Event()
         self._finished = False
@@ -946,7 +945,6 @@ class FederationServer:
             for rnd in range(self.start_round, rounds + 1):
                 self.round_number = rnd
                 record = await self._run_round_with_retries(rnd)
-                await self._committed()  # the previous round's commit, written while this round ran
                 self.history.append(record)
                 stop_early = False
                 if record.test_loss is not None and int(self.run_cfg.patience) > 0:
@@ -957,7 +955,8 @@ class FederationServer:
                     else:
                         patience_left -= 1
                         stop_early = patience_left <= 0
-                self._start_commit(record)
+                await self._offload(self._finish_round, record, self.global_weights, self.round_start_weights,
+                                    self.aggregator_state, self.history)
                 self._print_round(record)
                 if stop_early:
                     reason = (f"early stop: the global test loss did not improve for "
@@ -971,7 +970,6 @@ class FederationServer:
                     break
             else:
                 reason = "completed"
-            await self._committed()
             last = self.history[-1] if self.history else None
             if last is not None and last.round_number >= self.start_round and not last.evaluated_by:
                 # the last round is always evaluated: no figures means every evaluator failed
@@ -985,8 +983,6 @@ class FederationServer:
             reason, status = f"failed: {exc}", 1
             self.echo(f"run failed: {exc}; the global model and checkpoints keep the last completed round")
         finally:
-            # the last completed round's commit is waited for whatever ended the run, before anyone is told
-            status, reason = await self._committed_at_exit(status, reason)
             self.phase = "finished"
             self._finished = True
             for cid in list(self.clients):
@@ -1201,38 +1197,6 @@ class FederationServer:
                               images=server_entry["test_size"])
         return await self._offload(round_metrics, self.eval_place, server_entry, client_entries, expected_images,
                                    bool(self.cfg.eval.use_07_metric), per_client)
-
-    def _start_commit(self, record: RoundRecord) -> None:
-        """Commit ``record``'s round in a worker thread while the next round runs (:meth:`_committed` waits for it).
-
-        Writing a detector's checkpoint durably (fsync) takes 0.3-0.8 s for a 158 MiB model, as
-        long as the rest of a no-op round: overlapping it with the next round's broadcast and
-        training takes it off the round's critical path.  What it writes is snapshotted here --
-        the next round replaces ``global_weights``, ``aggregator_state`` and ``history`` -- and the
-        next commit starts only after this one ended, so commits stay in round order and
-        ``best`` is decided against the committed rounds.  A server killed meanwhile resumes
-        from the last committed round (fedplug/commit.py): at most the round in flight is redone.
-        """
-        snapshot = (record, self.global_weights, self.round_start_weights, self.aggregator_state, list(self.history))
-        self._commit_task = asyncio.ensure_future(self._offload(self._finish_round, *snapshot))
-
-    async def _committed(self) -> None:
-        """Wait for the commit in flight, if any; its :class:`RunFailed` (a write error) is raised here."""
-        task, self._commit_task = self._commit_task, None
-        if task is not None:
-            await task
-
-    async def _committed_at_exit(self, status: int, reason: str) -> tuple[int, str]:
-        """At the run's end: wait for the commit in flight; a failure there is the run's outcome."""
-        try:
-            await self._committed()
-        except RunFailed as exc:
-            self.echo(f"run failed: {exc}")
-            return 1, f"failed: {exc}"
-        except Exception as exc:  # noqa: BLE001 -- an unexpected error must still reach the clients and the log
-            log.error("the last commit failed", exc_info=exc)
-            return 1, f"failed: the last round's commit failed: {type(exc).__name__}: {exc}"
-        return status, reason
 
     def _finish_round(self, record: RoundRecord, global_weights, previous_weights, aggregator_state,
                       history: list[RoundRecord]) -> None:
