@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fedplug import client as client_module
+from fedplug import protocol as P
 from fedplug.client import FederationClient
 from fedplug.hooks import hookimpl
 from fedplug.outputs import read_events
@@ -171,6 +172,29 @@ def test_v2_chunked_and_v1_inline_clients_train_together(tmp_path):
     events = read_events(tmp_path / "run" / "events.jsonl")
     updates = {e["client_id"]: e["bytes"] for e in events if e["event"] == "client_update"}
     assert updates["new"] == updates["old"] > 160_000
+
+
+def test_v3_v2_and_v1_clients_train_together_and_each_is_spoken_to_in_its_version(tmp_path):
+    detector = SizedToyDetector(values=40_000)
+    status, codes, server, outs, _ = asyncio.run(_federation(
+        tmp_path, detector, {"v3": {}, "v2": {"protocol_version": 2}, "v1": {"protocol_version": 1}},
+        "run.rounds=2", "run.min_clients=3", "run.clients_per_round=3", "server.chunk_kb=4"))
+    assert status == 0 and codes == {"v3": 0, "v2": 0, "v1": 0}
+    assert [r.participants for r in server.history] == [("v1", "v2", "v3")] * 2
+    assert {cid: slot.protocol_version for cid, slot in server.clients.items()} == {"v1": 1, "v2": 2, "v3": 3}
+    assert torch.allclose(server.global_weights["bulk"], torch.full((40_000,), 0.02))
+
+
+def test_a_v3_client_speaks_v2_to_a_server_that_lists_only_1_and_2(tmp_path, monkeypatch):
+    """An older server refuses protocol 3 and lists what it speaks: the client wakes up again with 2."""
+    monkeypatch.setattr(P, "SUPPORTED_VERSIONS", (1, 2))
+    detector = SizedToyDetector(values=20_000)
+    status, codes, server, outs, _ = asyncio.run(_federation(
+        tmp_path, detector, {"site": {}}, "run.rounds=1", "run.min_clients=1", "run.clients_per_round=1",
+        "server.chunk_kb=4"))
+    assert status == 0 and codes == {"site": 0}
+    assert server.clients["site"].protocol_version == 2
+    assert any("does not speak protocol version 3; using version 2" in line for line in outs["site"])
 
 
 def test_an_upload_cut_midway_resumes_from_the_last_acknowledged_chunk(tmp_path):
