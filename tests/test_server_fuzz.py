@@ -105,7 +105,16 @@ def test_fuzz_every_event_on_the_real_server(live, caplog, message):
             await sio.emit(event, data)
         # a round trip after it: the server still serves this connection (or a fresh one)
         sio = await live.peer()
-        reply = await sio.call(P.FETCH_CHUNK, {"weights_id": "none", "index": 0}, timeout=10)
+        try:
+            reply = await sio.call(P.FETCH_CHUNK, {"weights_id": "none", "index": 0}, timeout=5)
+        except socketio.exceptions.TimeoutError:
+            # only allowed when the server closed this connection on purpose (the socket guard's limit of
+            # undecodable packets) before the client noticed: then a fresh connection must be served
+            assert any("closing the connection" in r.getMessage() for r in caplog.records)
+            await sio.disconnect()
+            live.sio = None
+            sio = await live.peer()
+            reply = await sio.call(P.FETCH_CHUNK, {"weights_id": "none", "index": 0}, timeout=10)
         assert reply["ok"] is False
 
     live.call(send())
