@@ -161,6 +161,8 @@ def round_metrics(place: str, server_entry: Mapping[str, Any] | None, client_ent
     for cid, e in client_entries.items():
         per_client.setdefault(cid, {}).update({"test_loss": e["test_loss"], "map50": e["map50"],
                                                "recall": e["recall"], "test_size": float(e["test_size"])})
+    # an evaluation of no image says nothing about the model: it must not give the round a test loss of 0
+    client_entries = {cid: e for cid, e in client_entries.items() if e["test_size"] > 0}
     clients = _merge(list(client_entries.values()), use_07_metric) if client_entries else None
     server = _merge([server_entry], use_07_metric, trusted=True) if server_entry is not None else None
     primary = server if server is not None else clients

@@ -362,3 +362,15 @@ def test_stats_json_round_trip_and_validation():
     ):
         with pytest.raises(ValueError, match="malformed detection statistics"):
             DetectionStats.from_json(bad)
+
+
+def test_an_evaluation_of_no_image_gives_the_round_no_figures():
+    """A client answering client_eval ok with test_size 0 scored nothing: no test loss of 0, no coverage."""
+    from fedplug.evaluation import round_metrics
+
+    empty = {"test_size": 0, "test_loss": 0.0, "map50": 0.0, "recall": 0.0, "stats": None}
+    scored = {"test_size": 4, "test_loss": 2.0, "map50": 0.5, "recall": 0.5, "stats": DetectionStats.empty(3)}
+    assert round_metrics("clients", None, {"a": empty}, 4, False, {}) == {"evaluated_by": ""}
+    both = round_metrics("clients", None, {"a": empty, "b": scored}, 8, False, {})
+    assert both["test_loss"] == 2.0 and both["extra"]["evaluators"] == 1.0
+    assert both["extra"]["eval_coverage"] == 0.5
